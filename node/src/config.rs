@@ -1,0 +1,149 @@
+//! Node configuration: where the home is, what to listen on, whom to bootstrap from, and the
+//! limits that keep one hostile peer from exhausting the node (see `docs/architecture.md`,
+//! "Configuration" and "Abuse limits").
+//!
+//! Every limit has a stated default here; [`NodeConfig::new`] gives a node that listens on all
+//! interfaces over TCP and QUIC with those defaults.
+
+use std::{path::PathBuf, time::Duration};
+
+use libp2p::Multiaddr;
+
+/// How a node is run and what it may spend.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// The home directory (`--home`): RocksDB lives in `home/db`, the control socket at
+    /// `home/control.sock`.
+    pub home: PathBuf,
+    /// Addresses to listen on. Default: `/ip4/0.0.0.0/tcp/0` and `/ip4/0.0.0.0/udp/0/quic-v1`.
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers (full multiaddrs ending in `/p2p/PEER_ID`). Addresses remembered in the
+    /// home's config are dialled too.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Addresses this node is known to be reachable at (`serve --external`); they are confirmed
+    /// as external addresses at start.
+    pub external: Vec<Multiaddr>,
+    /// LAN-only operation: no bootstrap needed, Kademlia forced into server mode.
+    pub lan_only: bool,
+    /// A home server (`meshchat serve`): always-on DHT server.
+    pub home_server: bool,
+    /// Force Kademlia server mode even without a confirmed external address (tests on
+    /// loopback, private networks). Implied by `lan_only` and `home_server`.
+    pub dht_server: bool,
+    /// Serve the control socket (`home/control.sock`) for the CLI.
+    pub serve_control: bool,
+    /// How long `send_text` tries to reach the recipient directly before it reports the message
+    /// as queued in the outbox.
+    pub send_timeout: Duration,
+    /// Connection and record limits.
+    pub limits: Limits,
+}
+
+impl NodeConfig {
+    /// The default configuration for a node whose home is `home`.
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        Self {
+            home: home.into(),
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0"
+                    .parse()
+                    .expect("invariant: constant multiaddr parses"),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .expect("invariant: constant multiaddr parses"),
+            ],
+            bootstrap: Vec::new(),
+            external: Vec::new(),
+            lan_only: false,
+            home_server: false,
+            dht_server: false,
+            serve_control: false,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Whether Kademlia is forced into server mode (otherwise libp2p decides from confirmed
+    /// external addresses).
+    pub fn force_dht_server(&self) -> bool {
+        self.dht_server || self.lan_only || self.home_server
+    }
+}
+
+/// Default for [`NodeConfig::send_timeout`].
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection, memory and record-store limits, with their defaults.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Incoming connections still in the handshake. Default 64.
+    pub max_pending_incoming: u32,
+    /// Outgoing connections still in the handshake. Default 64.
+    pub max_pending_outgoing: u32,
+    /// Established incoming connections. Default 256.
+    pub max_established_incoming: u32,
+    /// Established outgoing connections. Default 128.
+    pub max_established_outgoing: u32,
+    /// Established connections in total. Default 384.
+    pub max_established: u32,
+    /// Established connections to one peer. Default 4.
+    pub max_established_per_peer: u32,
+    /// Refuse new connections once the process uses this fraction of the machine's memory.
+    /// Default 0.9.
+    pub max_memory_fraction: f64,
+    /// Close a connection that has had no open stream for this long. Default 60 s (libp2p's
+    /// default of 10 s would drop contacts between messages).
+    pub idle_connection_timeout: Duration,
+    /// DHT records held for others. Default 4096.
+    pub max_dht_records: usize,
+    /// Largest DHT record value accepted. Default 16 KiB.
+    pub max_dht_value_bytes: usize,
+    /// Bad requests (undecodable, forged, expired envelopes; invalid records) a peer may send
+    /// before it is disconnected and blocked for [`Limits::ban_duration`]. Default 8.
+    pub max_strikes: u32,
+    /// How long a peer that used up its strikes stays blocked. Default 10 minutes.
+    pub ban_duration: Duration,
+    /// Concurrent inbound/outbound direct-delivery streams per connection. Default 32.
+    pub max_direct_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pending_incoming: 64,
+            max_pending_outgoing: 64,
+            max_established_incoming: 256,
+            max_established_outgoing: 128,
+            max_established: 384,
+            max_established_per_peer: 4,
+            max_memory_fraction: 0.9,
+            idle_connection_timeout: Duration::from_secs(60),
+            max_dht_records: 4096,
+            max_dht_value_bytes: 16 * 1024,
+            max_strikes: 8,
+            ban_duration: Duration::from_secs(600),
+            max_direct_streams: 32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_listen_on_tcp_and_quic_and_raise_the_idle_timeout() {
+        let c = NodeConfig::new("/tmp/x");
+        let listen: Vec<String> = c.listen.iter().map(ToString::to_string).collect();
+        assert_eq!(listen, ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]);
+        assert!(c.limits.idle_connection_timeout > Duration::from_secs(10));
+        assert!(!c.force_dht_server());
+        let lan = NodeConfig {
+            lan_only: true,
+            ..NodeConfig::new("/tmp/x")
+        };
+        assert!(lan.force_dht_server());
+    }
+}

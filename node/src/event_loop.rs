@@ -1,0 +1,723 @@
+//! The one task that owns the libp2p [`Swarm`]. See `docs/architecture.md`, "Event loop".
+//!
+//! ```text
+//!   NodeHandle / messaging tasks            EventLoop (owns the Swarm)
+//!   ---------------------------            ----------------------------------------------
+//!   NetClient::get_record ---Command-----> kad.get_record   -> pending_get[QueryId]
+//!   NetClient::put_record ---Command-----> kad.put_record   -> pending_put[QueryId]
+//!   NetClient::send_envelope -Command----> direct.send_request -> pending_send[RequestId]
+//!        <------------------oneshot------- reply when the query / request completes
+//!   inbound worker <--mpsc (bounded)------ direct request (envelope + ResponseChannel)
+//!   NetClient::respond ------Command-----> direct.send_response
+//!   publisher <--------------watch-------- dialable addresses changed
+//! ```
+//!
+//! The loop never blocks and never awaits anything but its own inputs: storage and crypto run
+//! in the messaging tasks (`crate::messaging`) on `spawn_blocking`. Local work (commands) is
+//! served before new remote work (`select!` is biased towards commands). DHT records pushed by
+//! peers are admitted through [`crate::dht::admit`]; peers that send undecodable requests,
+//! forged envelopes or invalid records collect strikes and are blocked for a while once they
+//! have too many.
+
+use std::{
+    collections::{hash_map::Entry, HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use libp2p::{
+    core::ConnectedPoint,
+    identify, kad,
+    multiaddr::Protocol,
+    request_response::{self, OutboundRequestId, ResponseChannel},
+    swarm::{ConnectionId, SwarmEvent},
+    Multiaddr, PeerId, Swarm,
+};
+use meshchat_protocol::envelope::Envelope;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
+    config::Limits,
+    dht,
+    direct::{DirectResponse, Framed, RejectReason},
+};
+
+/// Capacity of the command channel (handles wait when it is full).
+pub(crate) const COMMAND_CAPACITY: usize = 64;
+/// Capacity of the inbound-envelope channel; when full, new envelopes are answered `Busy`.
+pub(crate) const INBOUND_CAPACITY: usize = 64;
+/// A lookup replies this long after its first record even if the query is still running.
+const GET_RECORD_GRACE: Duration = Duration::from_millis(500);
+/// A lookup replies once it holds this many records.
+const GET_RECORD_ENOUGH: usize = 4;
+/// How often deadlines (lookups, bans) are checked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A record found by a lookup: untrusted, to be validated by the caller.
+#[derive(Debug, Clone)]
+pub(crate) struct FoundRecord {
+    /// Who sent it (`None`: our own store).
+    pub(crate) peer: Option<PeerId>,
+    /// The value.
+    pub(crate) value: Vec<u8>,
+}
+
+/// One envelope pushed to us, waiting for the messaging worker.
+#[derive(Debug)]
+pub(crate) struct InboundEnvelope {
+    pub(crate) peer: PeerId,
+    pub(crate) envelope: Envelope,
+    pub(crate) channel: ResponseChannel<DirectResponse>,
+}
+
+/// A connection, as shown by `status`.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionInfo {
+    pub(crate) addr: Multiaddr,
+    pub(crate) relayed: bool,
+}
+
+/// The network part of the node status.
+#[derive(Debug, Clone)]
+pub(crate) struct NetStatus {
+    pub(crate) peer_id: PeerId,
+    pub(crate) listen_addrs: Vec<Multiaddr>,
+    pub(crate) external_addrs: Vec<Multiaddr>,
+    pub(crate) connected: Vec<(PeerId, ConnectionInfo)>,
+    pub(crate) routing_table_size: usize,
+    pub(crate) dht_records_held: usize,
+    pub(crate) dht_server: bool,
+}
+
+/// What the handles ask the loop to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Status(oneshot::Sender<NetStatus>),
+    GetRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Vec<FoundRecord>>,
+    },
+    PutRecord {
+        record: kad::Record,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    LocalRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
+    SendEnvelope {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        envelope: Envelope,
+        reply: oneshot::Sender<Result<DirectResponse, String>>,
+    },
+    Respond {
+        channel: ResponseChannel<DirectResponse>,
+        response: DirectResponse,
+    },
+    Strike {
+        peer: PeerId,
+        reason: String,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The front of the event loop: cheap to clone, every method sends one [`Command`].
+#[derive(Debug, Clone)]
+pub(crate) struct NetClient {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The event loop has stopped.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the network event loop has stopped")]
+pub(crate) struct LoopStopped;
+
+impl NetClient {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, LoopStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| LoopStopped)?;
+        rx.await.map_err(|_| LoopStopped)
+    }
+
+    pub(crate) async fn status(&self) -> Result<NetStatus, LoopStopped> {
+        self.call(Command::Status).await
+    }
+
+    pub(crate) async fn get_record(&self, key: Vec<u8>) -> Result<Vec<FoundRecord>, LoopStopped> {
+        self.call(|reply| Command::GetRecord { key, reply }).await
+    }
+
+    pub(crate) async fn put_record(
+        &self,
+        record: kad::Record,
+    ) -> Result<Result<(), String>, LoopStopped> {
+        self.call(|reply| Command::PutRecord { record, reply }).await
+    }
+
+    pub(crate) async fn local_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, LoopStopped> {
+        self.call(|reply| Command::LocalRecord { key, reply }).await
+    }
+
+    pub(crate) async fn send_envelope(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        envelope: Envelope,
+    ) -> Result<Result<DirectResponse, String>, LoopStopped> {
+        self.call(|reply| Command::SendEnvelope {
+            peer,
+            addrs,
+            envelope,
+            reply,
+        })
+        .await
+    }
+
+    pub(crate) async fn respond(
+        &self,
+        channel: ResponseChannel<DirectResponse>,
+        response: DirectResponse,
+    ) -> Result<(), LoopStopped> {
+        self.tx
+            .send(Command::Respond { channel, response })
+            .await
+            .map_err(|_| LoopStopped)
+    }
+
+    pub(crate) async fn strike(&self, peer: PeerId, reason: String) -> Result<(), LoopStopped> {
+        self.tx
+            .send(Command::Strike { peer, reason })
+            .await
+            .map_err(|_| LoopStopped)
+    }
+
+    pub(crate) async fn dial(&self, addr: Multiaddr) -> Result<Result<(), String>, LoopStopped> {
+        self.call(|reply| Command::Dial { addr, reply }).await
+    }
+
+    pub(crate) async fn shutdown(&self) -> Result<(), LoopStopped> {
+        self.call(Command::Shutdown).await
+    }
+}
+
+struct PendingGet {
+    records: Vec<FoundRecord>,
+    reply: oneshot::Sender<Vec<FoundRecord>>,
+    deadline: Option<Instant>,
+}
+
+/// The loop itself; see the module doc.
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    inbound: mpsc::Sender<InboundEnvelope>,
+    addrs: watch::Sender<Vec<Multiaddr>>,
+    limits: Limits,
+    dht_server: bool,
+    pending_get: HashMap<kad::QueryId, PendingGet>,
+    pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), String>>>,
+    pending_send: HashMap<OutboundRequestId, oneshot::Sender<Result<DirectResponse, String>>>,
+    pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
+    connections: HashMap<PeerId, HashMap<ConnectionId, ConnectionInfo>>,
+    strikes: HashMap<PeerId, u32>,
+    bans: VecDeque<(Instant, PeerId)>,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("peer_id", self.swarm.local_peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Make the loop and its client; the caller spawns [`EventLoop::run`].
+pub(crate) fn new(
+    swarm: Swarm<Behaviour>,
+    limits: Limits,
+    dht_server: bool,
+) -> (
+    EventLoop,
+    NetClient,
+    mpsc::Receiver<InboundEnvelope>,
+    watch::Receiver<Vec<Multiaddr>>,
+) {
+    let (tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let (inbound, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
+    let (addrs, addrs_rx) = watch::channel(Vec::new());
+    let event_loop = EventLoop {
+        swarm,
+        commands,
+        inbound,
+        addrs,
+        limits,
+        dht_server,
+        pending_get: HashMap::new(),
+        pending_put: HashMap::new(),
+        pending_send: HashMap::new(),
+        pending_dial: HashMap::new(),
+        connections: HashMap::new(),
+        strikes: HashMap::new(),
+        bans: VecDeque::new(),
+    };
+    (event_loop, NetClient { tx }, inbound_rx, addrs_rx)
+}
+
+impl EventLoop {
+    /// Mutable access to the swarm before the loop runs (listen, dial bootstrap peers).
+    pub(crate) fn swarm_mut(&mut self) -> &mut Swarm<Behaviour> {
+        &mut self.swarm
+    }
+
+    /// Run until a `Shutdown` command arrives or every client is gone.
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown(reply)) => {
+                        tracing::debug!("event loop: shutting down");
+                        // Drop the swarm (closing listeners and connections) before answering.
+                        drop(self);
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => return,
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let due: Vec<kad::QueryId> = self
+            .pending_get
+            .iter()
+            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.finish_get(id);
+        }
+        while let Some((until, peer)) = self.bans.front().copied() {
+            if until > now {
+                break;
+            }
+            self.bans.pop_front();
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            tracing::debug!(%peer, "ban lifted");
+        }
+    }
+
+    fn finish_get(&mut self, id: kad::QueryId) {
+        if let Some(p) = self.pending_get.remove(&id) {
+            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                q.finish();
+            }
+            let _ = p.reply.send(p.records);
+        }
+    }
+
+    fn strike(&mut self, peer: PeerId, reason: &str) {
+        let count = self.strikes.entry(peer).or_insert(0);
+        *count += 1;
+        tracing::debug!(%peer, strikes = *count, reason, "strike against peer");
+        if *count >= self.limits.max_strikes {
+            self.strikes.remove(&peer);
+            tracing::info!(%peer, "peer sent too many bad requests: blocked for {:?}", self.limits.ban_duration);
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+            self.bans
+                .push_back((Instant::now() + self.limits.ban_duration, peer));
+        }
+    }
+
+    fn dialable_addrs(&self) -> Vec<Multiaddr> {
+        let mut out: Vec<Multiaddr> = self
+            .swarm
+            .external_addresses()
+            .cloned()
+            .chain(self.swarm.listeners().cloned())
+            .filter(|a| !is_unspecified(a))
+            .collect();
+        out.dedup();
+        out
+    }
+
+    fn publish_addrs(&self) {
+        let addrs = self.dialable_addrs();
+        self.addrs.send_if_modified(|old| {
+            if *old == addrs {
+                false
+            } else {
+                *old = addrs;
+                true
+            }
+        });
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let peer_id = *self.swarm.local_peer_id();
+                let with_p2p = |a: &Multiaddr| a.clone().with_p2p(peer_id).unwrap_or_else(|a| a);
+                let routing_table_size = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .map(|b| b.num_entries())
+                    .sum();
+                let dht_records_held = {
+                    use libp2p::kad::store::RecordStore;
+                    self.swarm.behaviour_mut().kad.store_mut().records().count()
+                };
+                let status = NetStatus {
+                    peer_id,
+                    listen_addrs: self.swarm.listeners().map(with_p2p).collect(),
+                    external_addrs: self.swarm.external_addresses().map(with_p2p).collect(),
+                    connected: self
+                        .connections
+                        .iter()
+                        .filter_map(|(p, conns)| conns.values().next().map(|c| (*p, c.clone())))
+                        .collect(),
+                    routing_table_size,
+                    dht_records_held,
+                    dht_server: self.dht_server,
+                };
+                let _ = reply.send(status);
+            }
+            Command::GetRecord { key, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_record(kad::RecordKey::new(&key));
+                self.pending_get.insert(
+                    id,
+                    PendingGet {
+                        records: Vec::new(),
+                        reply,
+                        deadline: None,
+                    },
+                );
+            }
+            Command::PutRecord { record, reply } => {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .put_record(record, kad::Quorum::One)
+                {
+                    Ok(id) => {
+                        self.pending_put.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("local store refused the record: {e}")));
+                    }
+                }
+            }
+            Command::LocalRecord { key, reply } => {
+                use libp2p::kad::store::RecordStore;
+                let value = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .get(&kad::RecordKey::new(&key))
+                    .map(|r| r.value.clone());
+                let _ = reply.send(value);
+            }
+            Command::SendEnvelope {
+                peer,
+                addrs,
+                envelope,
+                reply,
+            } => {
+                if peer == *self.swarm.local_peer_id() {
+                    let _ = reply.send(Err("that peer is this node".into()));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .direct
+                    .send_request_with_addresses(&peer, Framed::Value(envelope), addrs);
+                self.pending_send.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .direct
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("response dropped: the requesting connection is gone");
+                }
+            }
+            Command::Strike { peer, reason } => self.strike(peer, &reason),
+            Command::Dial { addr, reply } => {
+                let Some(peer) = peer_of(&addr) else {
+                    let _ = reply.send(Err(format!("{addr} does not end in /p2p/PEER_ID")));
+                    return;
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, strip_p2p(&addr));
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                match self.swarm.dial(addr) {
+                    Ok(()) => self.pending_dial.entry(peer).or_default().push(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            // Handled in `run` before dispatch.
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Direct(e)) => self.on_direct(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for addr in info.listen_addrs {
+                        if !is_unspecified(&addr) {
+                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let peer_id = *self.swarm.local_peer_id();
+                tracing::info!(
+                    "listening on {}",
+                    address.clone().with_p2p(peer_id).unwrap_or(address)
+                );
+                self.publish_addrs();
+            }
+            SwarmEvent::ExpiredListenAddr { .. }
+            | SwarmEvent::ExternalAddrConfirmed { .. }
+            | SwarmEvent::ExternalAddrExpired { .. } => self.publish_addrs(),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let addr = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                let relayed = addr.iter().any(|p| p == Protocol::P2pCircuit);
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, ConnectionInfo { addr, relayed });
+                for reply in self.pending_dial.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Entry::Occupied(mut e) = self.connections.entry(peer_id) {
+                    e.get_mut().remove(&connection_id);
+                    if e.get().is_empty() {
+                        e.remove();
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+                if let Some(peer) = peer_id {
+                    for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                }
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => {
+                let key_len = record.key.as_ref().len();
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                match dht::admit(
+                    store,
+                    record,
+                    self.limits.max_dht_value_bytes,
+                    dht::unix_now(),
+                ) {
+                    Ok(valid) => tracing::debug!(
+                        peer = %source,
+                        version = valid.version_or_seq,
+                        "stored a DHT record"
+                    ),
+                    Err(e) => {
+                        tracing::debug!(peer = %source, key_len, error = %e, "refused a DHT record");
+                        if e.is_hostile() {
+                            self.strike(source, "invalid DHT record");
+                        }
+                    }
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(r))) => {
+                    let enough = if let Some(p) = self.pending_get.get_mut(&id) {
+                        p.records.push(FoundRecord {
+                            peer: r.peer,
+                            value: r.record.value,
+                        });
+                        p.deadline.get_or_insert(Instant::now() + GET_RECORD_GRACE);
+                        p.records.len() >= GET_RECORD_ENOUGH
+                    } else {
+                        false
+                    };
+                    if enough || step.last {
+                        self.finish_get(id);
+                    }
+                }
+                kad::QueryResult::GetRecord(_) => self.finish_get(id),
+                kad::QueryResult::PutRecord(result) => {
+                    if let Some(reply) = self.pending_put.remove(&id) {
+                        let _ = reply.send(result.map(|_| ()).map_err(|e| e.to_string()));
+                    }
+                }
+                kad::QueryResult::Bootstrap(Ok(_)) => {}
+                other => tracing::trace!(?other, "kad query progressed"),
+            },
+            _ => {}
+        }
+    }
+
+    fn on_direct(&mut self, event: request_response::Event<Framed<Envelope>, DirectResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let envelope = match request {
+                        Framed::Value(envelope) => envelope,
+                        Framed::Refused(e) => {
+                            tracing::debug!(%peer, error = %e, "refused a direct request");
+                            let reason = e.reason();
+                            self.strike(peer, "undecodable direct request");
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .direct
+                                .send_response(channel, DirectResponse::Rejected { reason });
+                            return;
+                        }
+                    };
+                    let item = InboundEnvelope {
+                        peer,
+                        envelope,
+                        channel,
+                    };
+                    if let Err(e) = self.inbound.try_send(item) {
+                        let (item, reason) = match e {
+                            mpsc::error::TrySendError::Full(i) => (i, RejectReason::Busy),
+                            mpsc::error::TrySendError::Closed(i) => (i, RejectReason::Internal),
+                        };
+                        tracing::debug!(%peer, ?reason, "inbound envelope refused");
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .direct
+                            .send_response(item.channel, DirectResponse::Rejected { reason });
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_send.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "direct delivery attempt failed");
+                if let Some(reply) = self.pending_send.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound direct request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+/// Whether the address listens on all interfaces (not dialable as such).
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// The peer ID at the end of a `/p2p/` multiaddr.
+pub(crate) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+/// The address without its `/p2p/` part.
+pub(crate) fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}

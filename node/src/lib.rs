@@ -1,0 +1,21 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod behaviour;
+pub mod config;
+pub mod control;
+pub mod dht;
+pub mod direct;
+pub mod error;
+mod event_loop;
+mod messaging;
+mod node;
+pub mod storage;
+
+pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+pub use config::{Limits, NodeConfig};
+pub use error::{ErrorKind, NodeError};
+pub use messaging::PublishReport;
+pub use node::{
+    ConnectedPeer, Node, NodeEvent, NodeHandle, NodeStatus, SendOutcome, SendReport,
+};

@@ -1,0 +1,1157 @@
+//! One-to-one messaging on top of the event loop: sending (seal, commit, deliver), receiving
+//! (open, commit, acknowledge), the durable outbox with retries, and publishing this user's
+//! prekey bundle and presence records. See `docs/architecture.md`, "Messaging", and
+//! `docs/protocol.md`, "Direct delivery" and "DHT records".
+//!
+//! ```text
+//! send_text ─► seal (ratchet) ─► commit_outgoing (session + message + outbox, one batch)
+//!          └─► presence lookup ─► direct request ─► Accepted ─► mark_delivered
+//!                                               └─► timeout  ─► Queued (outbox retries with backoff)
+//! inbound  ─► seen? ─► open (copies of session, prekeys, replay cache) ─► commit_incoming ─► ack
+//! publisher ─► bundle (rotated/replenished) + one presence record per contact, re-published
+//!              before expiry, at each epoch and when our addresses change
+//! ```
+//!
+//! All storage and ratchet work runs on `spawn_blocking`. Every read-modify-write of ratchet
+//! state, prekeys and the replay cache happens under one async lock (`session_lock`), so two
+//! sends, or a send and a receive, never advance the same ratchet from the same starting state.
+//! Retries resend the exact envelope bytes stored in the outbox; the recipient's envelope-id
+//! de-duplication answers a repeat with an acknowledgement and does not show it again.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex as StdMutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use libp2p::{Multiaddr, PeerId};
+use meshchat_protocol::{
+    addressing::{self, pair_secret},
+    content::{Content, MessageId, ReceiptKind, MAX_TEXT_BYTES},
+    envelope::{Envelope, EnvelopeError, DEFAULT_TTL_SECS},
+    records::{self, Presence, PresenceKeys, PresencePeer, PresenceRecord},
+    replay::ReplayCache,
+    session::{self, SessionError, SessionRecord},
+    Identity, PrekeyBundle, PrekeySecrets, PublicIdentity, VerifiedBundle, Wire,
+};
+use rand::{rngs::OsRng, RngCore};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{broadcast, mpsc, watch, Mutex, Notify},
+    task::JoinHandle,
+};
+
+use crate::{
+    dht::{own_record, unix_now, unix_now_ms},
+    direct::{DirectResponse, RejectReason},
+    error::NodeError,
+    event_loop::{InboundEnvelope, LoopStopped, NetClient},
+    node::{NodeEvent, SendOutcome, SendReport},
+    storage::{Direction, IncomingOutcome, OutboxEntry, Status, Storage, StoredMessage},
+};
+
+/// A presence lookup result is reused for this long.
+const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Pause between rounds of a delivery attempt that found nobody.
+const DELIVERY_PAUSE: Duration = Duration::from_millis(300);
+/// Longest pause between rounds of one delivery attempt.
+const MAX_DELIVERY_PAUSE: Duration = Duration::from_secs(3);
+/// Own records are re-published this often (and at every epoch change).
+pub(crate) const REPUBLISH_INTERVAL: Duration = Duration::from_secs(15 * 60);
+/// After a change of our addresses, wait this long for more before re-publishing.
+const ADDRESS_DEBOUNCE: Duration = Duration::from_millis(500);
+/// How often the contact list is compared with the one presence was published for.
+const CONTACT_CHECK: Duration = Duration::from_secs(5);
+/// How often the outbox is scanned for due entries.
+const OUTBOX_TICK: Duration = Duration::from_secs(1);
+/// First retry delay; doubled per attempt up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(10 * 60);
+/// Peers whose outbox entries are retried concurrently.
+const OUTBOX_PARALLEL_PEERS: usize = 4;
+/// DHT puts in flight at once while publishing.
+const PUBLISH_PARALLEL: usize = 8;
+/// Refill the one-time prekeys when fewer than this many are left.
+const ONE_TIME_LOW_WATER: usize = meshchat_protocol::prekey::DEFAULT_ONE_TIME_PREKEYS / 2;
+/// How long presence records stay valid after the end of their epoch.
+const PRESENCE_GRACE_SECS: u64 = 3600;
+/// Envelope ids are remembered (for de-duplication) this long after first seen: longer than
+/// any envelope can live.
+const SEEN_RETENTION_MS: u64 = (meshchat_protocol::envelope::MAX_TTL_SECS as u64 + 86_400) * 1000;
+
+/// What one publication round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishReport {
+    /// The prekey bundle reached at least one DHT peer.
+    pub bundle_published: bool,
+    /// Presence records (one per contact) that reached at least one DHT peer.
+    pub presence_published: usize,
+    /// Presence records that could not be stored anywhere.
+    pub presence_failed: usize,
+}
+
+impl PublishReport {
+    fn complete(&self) -> bool {
+        self.bundle_published && self.presence_failed == 0
+    }
+}
+
+/// Why a delivery attempt did not end in an acknowledgement.
+#[derive(Debug, Clone)]
+enum DeliveryFailure {
+    /// Nobody answered in time (not found, not reachable, transient refusal).
+    Unreachable(String),
+    /// The recipient refused the envelope for good.
+    Rejected(RejectReason),
+}
+
+/// The result of processing one inbound envelope.
+#[derive(Debug)]
+struct Processed {
+    response: DirectResponse,
+    sender: Option<PublicIdentity>,
+    new_message: Option<StoredMessage>,
+    status_changes: Vec<StoredMessage>,
+    prekeys_changed: bool,
+}
+
+impl Processed {
+    fn rejected(reason: RejectReason) -> Self {
+        Self {
+            response: DirectResponse::Rejected { reason },
+            sender: None,
+            new_message: None,
+            status_changes: Vec::new(),
+            prekeys_changed: false,
+        }
+    }
+}
+
+type PeerAddrs = Vec<(PeerId, Vec<Multiaddr>)>;
+
+/// The messaging state shared by the node's tasks and handles.
+pub(crate) struct Messenger {
+    storage: Storage,
+    identity: Identity,
+    me: PublicIdentity,
+    peer_id: PeerId,
+    net: NetClient,
+    events: broadcast::Sender<NodeEvent>,
+    addrs: watch::Receiver<Vec<Multiaddr>>,
+    send_timeout: Duration,
+    session_lock: Mutex<()>,
+    publish_lock: Mutex<()>,
+    publish_kick: Notify,
+    outbox_kick: Notify,
+    in_flight: StdMutex<HashSet<[u8; 16]>>,
+    wake_peers: StdMutex<HashSet<PublicIdentity>>,
+    presence_cache: StdMutex<HashMap<PublicIdentity, (Instant, PeerAddrs)>>,
+    published_contacts: StdMutex<Option<Vec<PublicIdentity>>>,
+}
+
+impl std::fmt::Debug for Messenger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messenger")
+            .field("me", &self.me)
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves once the node is stopping.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+fn wire_err(what: &'static str) -> impl FnOnce(meshchat_protocol::WireError) -> NodeError {
+    move |source| NodeError::Wire { what, source }
+}
+
+fn crypto_err(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Crypto {
+        reason: e.to_string(),
+    }
+}
+
+fn stopped(_: LoopStopped) -> NodeError {
+    NodeError::Stopped
+}
+
+/// Retry delay after `attempts` failed attempts.
+fn backoff(attempts: u32) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(16);
+    FIRST_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+fn load_session(storage: &Storage, peer: &PublicIdentity) -> Result<SessionRecord, NodeError> {
+    match storage.session(peer)? {
+        Some(bytes) => SessionRecord::from_wire(&bytes).map_err(wire_err("session record")),
+        None => Ok(SessionRecord::new()),
+    }
+}
+
+fn reject_reason_of(e: &SessionError) -> RejectReason {
+    match e {
+        SessionError::Envelope(EnvelopeError::Expired { .. }) => RejectReason::Expired,
+        SessionError::Envelope(EnvelopeError::FromTheFuture { .. }) => RejectReason::FromTheFuture,
+        SessionError::Replay { .. } | SessionError::Duplicate { .. } => RejectReason::Replayed,
+        _ => RejectReason::Undecryptable,
+    }
+}
+
+fn envelope_reject(e: &EnvelopeError) -> RejectReason {
+    match e {
+        EnvelopeError::Expired { .. } => RejectReason::Expired,
+        EnvelopeError::FromTheFuture { .. } => RejectReason::FromTheFuture,
+        _ => RejectReason::Malformed,
+    }
+}
+
+impl Messenger {
+    pub(crate) fn new(
+        storage: Storage,
+        identity: Identity,
+        peer_id: PeerId,
+        net: NetClient,
+        events: broadcast::Sender<NodeEvent>,
+        addrs: watch::Receiver<Vec<Multiaddr>>,
+        send_timeout: Duration,
+    ) -> Self {
+        Self {
+            me: identity.public(),
+            storage,
+            identity,
+            peer_id,
+            net,
+            events,
+            addrs,
+            send_timeout,
+            session_lock: Mutex::new(()),
+            publish_lock: Mutex::new(()),
+            publish_kick: Notify::new(),
+            outbox_kick: Notify::new(),
+            in_flight: StdMutex::new(HashSet::new()),
+            wake_peers: StdMutex::new(HashSet::new()),
+            presence_cache: StdMutex::new(HashMap::new()),
+            published_contacts: StdMutex::new(None),
+        }
+    }
+
+    /// Spawn the inbound worker, the publisher and the outbox loop.
+    pub(crate) fn spawn_tasks(
+        self: &Arc<Self>,
+        inbound: mpsc::Receiver<InboundEnvelope>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        vec![
+            tokio::spawn(Arc::clone(self).inbound_worker(inbound, shutdown.clone())),
+            tokio::spawn(Arc::clone(self).publisher(shutdown.clone())),
+            tokio::spawn(Arc::clone(self).outbox_loop(shutdown)),
+        ]
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        // No subscriber is fine.
+        let _ = self.events.send(event);
+    }
+
+    fn emit_status(&self, m: &StoredMessage) {
+        self.emit(NodeEvent::MessageStatus {
+            id: m.id,
+            peer: m.peer,
+            status: m.status,
+        });
+    }
+
+    /// Ask the publisher for a round now (e.g. a contact was added).
+    pub(crate) fn trigger_publish(&self) {
+        self.publish_kick.notify_one();
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Sending
+    // ------------------------------------------------------------------------------------
+
+    pub(crate) async fn send_text(&self, to: PublicIdentity, text: String) -> Result<SendReport, NodeError> {
+        if text.is_empty() {
+            return Err(NodeError::EmptyMessage);
+        }
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(NodeError::MessageTooLong {
+                len: text.len(),
+                max: MAX_TEXT_BYTES,
+            });
+        }
+        if to == self.me {
+            return Err(NodeError::ToSelf);
+        }
+        let deadline = Instant::now() + self.send_timeout;
+        let has_session = {
+            let storage = self.storage.clone();
+            blocking(move || Ok(load_session(&storage, &to)?.has_session())).await?
+        };
+        let bundle = if has_session {
+            None
+        } else {
+            Some(self.fetch_bundle(&to, deadline).await?)
+        };
+
+        let (message, envelope) = {
+            let _guard = self.session_lock.lock().await;
+            let storage = self.storage.clone();
+            let identity = self.identity.clone();
+            blocking(move || seal_and_commit(&storage, &identity, &to, text, bundle.as_ref())).await?
+        };
+        let id = message.id;
+        if !lock(&self.in_flight).insert(id) {
+            // Impossible for a fresh random id; be safe anyway.
+            return Ok(SendReport {
+                message_id: id,
+                outcome: SendOutcome::Queued {
+                    reason: "already being delivered".into(),
+                },
+            });
+        }
+        let result = self.deliver(&to, &envelope, deadline).await;
+        let outcome = self.settle(&id, 0, result).await;
+        lock(&self.in_flight).remove(&id);
+        Ok(SendReport {
+            message_id: id,
+            outcome: outcome?,
+        })
+    }
+
+    /// Record the result of a delivery attempt of our message `id` (after `attempts` earlier
+    /// failed ones).
+    async fn settle(
+        &self,
+        id: &[u8; 16],
+        attempts: u32,
+        result: Result<(), DeliveryFailure>,
+    ) -> Result<SendOutcome, NodeError> {
+        let storage = self.storage.clone();
+        let id = *id;
+        match result {
+            Ok(()) => {
+                let changed = blocking(move || Ok(storage.mark_delivered(&id)?)).await?;
+                if let Some(m) = changed {
+                    self.emit_status(&m);
+                }
+                Ok(SendOutcome::Delivered)
+            }
+            Err(DeliveryFailure::Rejected(reason)) => {
+                tracing::info!(id = %hex::encode(id), %reason, "recipient refused the message; giving up");
+                let changed = blocking(move || Ok(storage.abandon(&id)?)).await?;
+                if let Some(m) = changed {
+                    self.emit_status(&m);
+                }
+                Ok(SendOutcome::Failed {
+                    reason: format!("the recipient refused the message: {reason}"),
+                })
+            }
+            Err(DeliveryFailure::Unreachable(reason)) => {
+                let attempts = attempts.saturating_add(1);
+                let next = unix_now_ms()
+                    .saturating_add(u64::try_from(backoff(attempts).as_millis()).unwrap_or(u64::MAX));
+                blocking(move || Ok(storage.reschedule(&id, attempts, next)?)).await?;
+                Ok(SendOutcome::Queued { reason })
+            }
+        }
+    }
+
+    /// Find a valid prekey bundle of `to` in the DHT (highest version wins), retrying until
+    /// `deadline`.
+    async fn fetch_bundle(&self, to: &PublicIdentity, deadline: Instant) -> Result<VerifiedBundle, NodeError> {
+        let key = records::bundle_record_key(to);
+        loop {
+            let found = self.net.get_record(key.clone()).await.map_err(stopped)?;
+            let now = unix_now();
+            let best = found
+                .iter()
+                .filter_map(|r| {
+                    let checked = PrekeyBundle::from_wire(&r.value)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| b.verify(now).map_err(|e| e.to_string()));
+                    match checked {
+                        Ok(v) if v.identity() == to => Some(v),
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::debug!(peer = ?r.peer, error = %e, "ignoring an invalid bundle");
+                            None
+                        }
+                    }
+                })
+                .max_by_key(|v| v.version());
+            if let Some(b) = best {
+                return Ok(b);
+            }
+            if Instant::now() + DELIVERY_PAUSE >= deadline {
+                return Err(NodeError::NoBundle {
+                    user: to.user_id().to_string(),
+                });
+            }
+            tokio::time::sleep(DELIVERY_PAUSE).await;
+        }
+    }
+
+    /// The peers (and addresses) `to` publishes to us, newest record of the current or the
+    /// previous epoch; cached for a short while.
+    async fn lookup_presence(&self, to: &PublicIdentity) -> Result<PeerAddrs, LoopStopped> {
+        if let Some((at, peers)) = lock(&self.presence_cache).get(to) {
+            if at.elapsed() < PRESENCE_CACHE_TTL {
+                return Ok(peers.clone());
+            }
+        }
+        let pair = pair_secret(&self.identity, to);
+        let now = unix_now();
+        let current = addressing::epoch(now);
+        for epoch in [current, current.saturating_sub(1)] {
+            let keys = PresenceKeys::derive(&pair, to, epoch);
+            let found = self.net.get_record(keys.dht_key()).await?;
+            let best = found
+                .iter()
+                .filter_map(|r| PresenceRecord::from_wire(&r.value).ok())
+                .filter_map(|rec| keys.open(&rec, now).ok().map(|p| (rec.seq, p)))
+                .max_by_key(|(seq, _)| *seq);
+            if let Some((_, presence)) = best {
+                let peers: PeerAddrs = presence
+                    .peers
+                    .iter()
+                    .filter_map(|p| {
+                        let peer = PeerId::from_bytes(&p.peer_id).ok()?;
+                        let addrs = p
+                            .addrs
+                            .iter()
+                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                            .collect();
+                        Some((peer, addrs))
+                    })
+                    .filter(|(peer, _)| *peer != self.peer_id)
+                    .collect();
+                if !peers.is_empty() {
+                    lock(&self.presence_cache).insert(*to, (Instant::now(), peers.clone()));
+                    return Ok(peers);
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn forget_presence(&self, to: &PublicIdentity) {
+        lock(&self.presence_cache).remove(to);
+    }
+
+    /// Try to hand `envelope` to `to`'s node directly until `deadline`.
+    async fn deliver(
+        &self,
+        to: &PublicIdentity,
+        envelope: &Envelope,
+        deadline: Instant,
+    ) -> Result<(), DeliveryFailure> {
+        let expected_id = envelope.id();
+        let mut last = String::from("no presence record of the recipient found in the DHT");
+        let mut pause = DELIVERY_PAUSE;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(remaining, self.lookup_presence(to)).await {
+                Err(_) => break,
+                Ok(Err(LoopStopped)) => {
+                    return Err(DeliveryFailure::Unreachable("the node is shutting down".into()))
+                }
+                Ok(Ok(peers)) if peers.is_empty() => {}
+                Ok(Ok(peers)) => {
+                    for (peer, addrs) in peers {
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        let attempt = self.net.send_envelope(peer, addrs, envelope.clone());
+                        match tokio::time::timeout(remaining, attempt).await {
+                            Ok(Ok(Ok(DirectResponse::Accepted { envelope_id, .. }))) => {
+                                if envelope_id == expected_id {
+                                    return Ok(());
+                                }
+                                last = format!("peer {peer} acknowledged a different envelope");
+                            }
+                            Ok(Ok(Ok(DirectResponse::Rejected { reason }))) => {
+                                if !reason.is_transient() {
+                                    return Err(DeliveryFailure::Rejected(reason));
+                                }
+                                last = format!("the recipient's node is {reason}");
+                            }
+                            Ok(Ok(Err(e))) => last = format!("cannot reach the recipient's node: {e}"),
+                            Ok(Err(LoopStopped)) => {
+                                return Err(DeliveryFailure::Unreachable(
+                                    "the node is shutting down".into(),
+                                ))
+                            }
+                            Err(_) => {
+                                last = "the recipient's node did not answer in time".into();
+                                break;
+                            }
+                        }
+                    }
+                    self.forget_presence(to);
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(pause.min(remaining)).await;
+            pause = (pause * 2).min(MAX_DELIVERY_PAUSE);
+        }
+        Err(DeliveryFailure::Unreachable(last))
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Receipts
+    // ------------------------------------------------------------------------------------
+
+    pub(crate) async fn mark_read(&self, peer: PublicIdentity, ids: Vec<[u8; 16]>) -> Result<(), NodeError> {
+        let changed = {
+            let storage = self.storage.clone();
+            blocking(move || {
+                let mut changed = Vec::new();
+                for id in ids {
+                    if storage.mark_read(&peer, &id)?.is_some() {
+                        changed.push(MessageId(id));
+                    }
+                }
+                Ok(changed)
+            })
+            .await?
+        };
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let envelope = {
+            let _guard = self.session_lock.lock().await;
+            let storage = self.storage.clone();
+            let identity = self.identity.clone();
+            blocking(move || {
+                let mut record = load_session(&storage, &peer)?;
+                if !record.has_session() {
+                    return Ok(None);
+                }
+                let content = Content::Receipt {
+                    kind: ReceiptKind::Read,
+                    ids: changed,
+                };
+                let env = seal_content(&identity, &mut record, None, &peer, &content)?;
+                let bytes = record.to_wire().map_err(wire_err("session record"))?;
+                storage.save_session(&peer, &bytes)?;
+                Ok(Some(env))
+            })
+            .await?
+        };
+        if let Some(env) = envelope {
+            let deadline = Instant::now() + self.send_timeout;
+            if let Err(e) = self.deliver(&peer, &env, deadline).await {
+                tracing::debug!(?e, "read receipt not delivered");
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Receiving
+    // ------------------------------------------------------------------------------------
+
+    async fn inbound_worker(
+        self: Arc<Self>,
+        mut inbound: mpsc::Receiver<InboundEnvelope>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => return,
+                item = inbound.recv() => match item {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            let InboundEnvelope {
+                peer,
+                envelope,
+                channel,
+            } = item;
+            let processed = match self.process_inbound(envelope).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot process an inbound envelope");
+                    Processed::rejected(RejectReason::Internal)
+                }
+            };
+            if let DirectResponse::Rejected { reason } = processed.response {
+                tracing::debug!(%peer, %reason, "rejected an inbound envelope");
+                if reason.is_hostile() && self.net.strike(peer, reason.to_string()).await.is_err() {
+                    return;
+                }
+            }
+            if self.net.respond(channel, processed.response).await.is_err() {
+                return;
+            }
+            if let Some(m) = processed.new_message {
+                self.emit(NodeEvent::MessageReceived(m));
+            }
+            for m in &processed.status_changes {
+                self.emit_status(m);
+            }
+            if processed.prekeys_changed {
+                self.trigger_publish();
+            }
+            if let Some(sender) = processed.sender {
+                // They are online: retry what we owe them now.
+                lock(&self.wake_peers).insert(sender);
+                self.outbox_kick.notify_one();
+            }
+        }
+    }
+
+    async fn process_inbound(&self, envelope: Envelope) -> Result<Processed, NodeError> {
+        let now = unix_now();
+        if let Err(e) = envelope.check(now) {
+            return Ok(Processed::rejected(envelope_reject(&e)));
+        }
+        let _guard = self.session_lock.lock().await;
+        let storage = self.storage.clone();
+        let identity = self.identity.clone();
+        blocking(move || open_and_commit(&storage, &identity, &envelope, now)).await
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Outbox
+    // ------------------------------------------------------------------------------------
+
+    async fn outbox_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last_prune: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => return,
+                _ = self.outbox_kick.notified() => {},
+                _ = tokio::time::sleep(OUTBOX_TICK) => {},
+            }
+            if let Err(e) = self.retry_due().await {
+                if matches!(e, NodeError::Stopped) {
+                    return;
+                }
+                tracing::warn!(error = %e, "outbox retry failed");
+            }
+            if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+                last_prune = Some(Instant::now());
+                let storage = self.storage.clone();
+                let before = unix_now_ms().saturating_sub(SEEN_RETENTION_MS);
+                if let Err(e) = blocking(move || Ok(storage.prune_seen(before)?)).await {
+                    tracing::warn!(error = %e, "pruning seen envelope ids failed");
+                }
+            }
+        }
+    }
+
+    /// Try every due outbox entry once; entries to one peer go in conversation order and stop
+    /// at the first that cannot be delivered.
+    async fn retry_due(&self) -> Result<(), NodeError> {
+        let storage = self.storage.clone();
+        let entries = blocking(move || {
+            let mut out = Vec::new();
+            for e in storage.outbox()? {
+                let seq = storage
+                    .message(&e.peer, Direction::Out, &e.message_id)?
+                    .map_or(u64::MAX, |(_, m)| m.seq);
+                out.push((e, seq));
+            }
+            Ok(out)
+        })
+        .await?;
+        if entries.is_empty() {
+            lock(&self.wake_peers).clear();
+            return Ok(());
+        }
+        let now_ms = unix_now_ms();
+        let woken: HashSet<PublicIdentity> = std::mem::take(&mut *lock(&self.wake_peers));
+        let mut by_peer: BTreeMap<PublicIdentity, Vec<(OutboxEntry, u64)>> = BTreeMap::new();
+        for (e, seq) in entries {
+            if e.next_attempt_ms <= now_ms || woken.contains(&e.peer) {
+                by_peer.entry(e.peer).or_default().push((e, seq));
+            }
+        }
+        futures::stream::iter(by_peer.into_values())
+            .for_each_concurrent(OUTBOX_PARALLEL_PEERS, |mut list| async move {
+                list.sort_by_key(|(_, seq)| *seq);
+                for (entry, _) in list {
+                    match self.retry_one(&entry).await {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox entry retry failed");
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    /// One retry; `Ok(false)` when the peer was unreachable (stop for this peer).
+    async fn retry_one(&self, entry: &OutboxEntry) -> Result<bool, NodeError> {
+        let id = entry.message_id;
+        let now = unix_now();
+        let envelope = match Envelope::from_wire(&entry.envelope) {
+            Ok(env) if now < env.expires_at() => env,
+            other => {
+                let why = if other.is_ok() { "expired" } else { "corrupt" };
+                tracing::info!(id = %hex::encode(id), why, "dropping an outbox entry");
+                let storage = self.storage.clone();
+                if let Some(m) = blocking(move || Ok(storage.abandon(&id)?)).await? {
+                    self.emit_status(&m);
+                }
+                return Ok(true);
+            }
+        };
+        if !lock(&self.in_flight).insert(id) {
+            return Ok(true);
+        }
+        let deadline = Instant::now() + self.send_timeout;
+        let result = self.deliver(&entry.peer, &envelope, deadline).await;
+        let reachable = !matches!(result, Err(DeliveryFailure::Unreachable(_)));
+        let settled = self.settle(&id, entry.attempts, result).await;
+        lock(&self.in_flight).remove(&id);
+        settled?;
+        Ok(reachable)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Publishing
+    // ------------------------------------------------------------------------------------
+
+    /// Make sure prekey secrets exist (generated and saved on first start).
+    pub(crate) async fn ensure_prekeys(&self) -> Result<(), NodeError> {
+        let _guard = self.session_lock.lock().await;
+        let storage = self.storage.clone();
+        let identity = self.identity.clone();
+        blocking(move || prepare_bundle(&storage, &identity, unix_now()).map(|_| ())).await
+    }
+
+    async fn publisher(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut addrs = self.addrs.clone();
+        let mut next = tokio::time::Instant::now();
+        let mut failures: u32 = 0;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => return,
+                _ = tokio::time::sleep_until(next) => {},
+                _ = self.publish_kick.notified() => {},
+                _ = tokio::time::sleep(CONTACT_CHECK) => {
+                    // Contacts may be added behind our back (e.g. through storage directly).
+                    match self.contacts_changed().await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot read contacts");
+                            continue;
+                        }
+                    }
+                },
+                changed = addrs.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(ADDRESS_DEBOUNCE).await;
+                    addrs.mark_unchanged();
+                },
+            }
+            let now = tokio::time::Instant::now();
+            match self.publish_all().await {
+                Ok(report) if report.complete() => {
+                    failures = 0;
+                    next = now + REPUBLISH_INTERVAL.min(until_next_epoch());
+                }
+                Ok(report) => {
+                    failures = failures.saturating_add(1);
+                    tracing::debug!(?report, "publication incomplete; retrying");
+                    next = now + backoff(failures).min(REPUBLISH_INTERVAL);
+                }
+                Err(NodeError::Stopped) => return,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "publishing records failed");
+                    next = now + backoff(failures).min(REPUBLISH_INTERVAL);
+                }
+            }
+        }
+    }
+
+    /// Whether the contact list differs from the one presence was last published for.
+    async fn contacts_changed(&self) -> Result<bool, NodeError> {
+        let storage = self.storage.clone();
+        let current = blocking(move || contact_set(&storage)).await?;
+        Ok(lock(&self.published_contacts).as_ref() != Some(&current))
+    }
+
+    /// One publication round: the prekey bundle (rotated or replenished if due) and a presence
+    /// record for every contact, listing this node's peer ID and dialable addresses.
+    pub(crate) async fn publish_all(&self) -> Result<PublishReport, NodeError> {
+        let _round = self.publish_lock.lock().await;
+        let now = unix_now();
+        let bundle_record = {
+            let _guard = self.session_lock.lock().await;
+            let storage = self.storage.clone();
+            let identity = self.identity.clone();
+            blocking(move || prepare_bundle(&storage, &identity, now)).await?
+        };
+        let (presence_records, contacts) = {
+            let storage = self.storage.clone();
+            let identity = self.identity.clone();
+            let me = Presence {
+                peers: vec![PresencePeer {
+                    peer_id: self.peer_id.to_bytes(),
+                    addrs: presence_addrs(&self.addrs.borrow()),
+                }],
+            };
+            blocking(move || prepare_presence(&storage, &identity, &me, now)).await?
+        };
+
+        *lock(&self.published_contacts) = Some(contacts);
+        let mut report = PublishReport::default();
+        let (key, value, expires_at) = bundle_record;
+        report.bundle_published = self.put(key, value, expires_at, now).await?;
+        let results: Vec<Result<bool, NodeError>> = futures::stream::iter(presence_records)
+            .map(|(key, value, expires_at)| self.put(key, value, expires_at, now))
+            .buffer_unordered(PUBLISH_PARALLEL)
+            .collect()
+            .await;
+        for r in results {
+            if r? {
+                report.presence_published += 1;
+            } else {
+                report.presence_failed += 1;
+            }
+        }
+        tracing::debug!(?report, "published records");
+        Ok(report)
+    }
+
+    async fn put(&self, key: Vec<u8>, value: Vec<u8>, expires_at: u64, now: u64) -> Result<bool, NodeError> {
+        let record = own_record(key, value, expires_at, now);
+        match self.net.put_record(record).await.map_err(stopped)? {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::debug!(error = %e, "DHT put failed");
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// The addresses a presence record lists: at most [`records::MAX_ADDRS_PER_PEER`], each at most
+/// [`records::MAX_ADDR_BYTES`]; routable ones before loopback ones.
+fn presence_addrs(addrs: &[Multiaddr]) -> Vec<Vec<u8>> {
+    let is_loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_loopback(),
+            libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let mut sorted: Vec<&Multiaddr> = addrs.iter().collect();
+    sorted.sort_by_key(|a| is_loopback(a));
+    sorted
+        .into_iter()
+        .map(|a| a.to_vec())
+        .filter(|b| b.len() <= records::MAX_ADDR_BYTES)
+        .take(records::MAX_ADDRS_PER_PEER)
+        .collect()
+}
+
+/// Time until the next presence epoch starts (at least a second).
+fn until_next_epoch() -> Duration {
+    let now = unix_now();
+    let next = (addressing::epoch(now) + 1).saturating_mul(addressing::EPOCH_SECS);
+    Duration::from_secs(next.saturating_sub(now).max(1))
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    OsRng.fill_bytes(&mut id);
+    id
+}
+
+/// Seal `content` for `to` with the session in `record` (advancing it).
+fn seal_content(
+    identity: &Identity,
+    record: &mut SessionRecord,
+    bundle: Option<&VerifiedBundle>,
+    to: &PublicIdentity,
+    content: &Content,
+) -> Result<Envelope, NodeError> {
+    let plaintext = content.encode().map_err(|e| NodeError::Crypto {
+        reason: format!("cannot encode the message: {e}"),
+    })?;
+    let now = unix_now();
+    let pair = pair_secret(identity, to);
+    let routing_key = addressing::mailbox_key(&pair, to, addressing::epoch(now));
+    session::seal_message(
+        identity,
+        record,
+        bundle,
+        to,
+        routing_key,
+        now,
+        DEFAULT_TTL_SECS,
+        &plaintext,
+        &mut OsRng,
+    )
+    .map_err(crypto_err)
+}
+
+/// Seal a text message and commit session, message and outbox entry in one batch.
+fn seal_and_commit(
+    storage: &Storage,
+    identity: &Identity,
+    to: &PublicIdentity,
+    text: String,
+    bundle: Option<&VerifiedBundle>,
+) -> Result<(StoredMessage, Envelope), NodeError> {
+    let mut record = load_session(storage, to)?;
+    let bundle = if record.has_session() { None } else { bundle };
+    // Content sequence numbers start at 1.
+    let seq = storage.next_seq(to)?.max(1);
+    let id = random_id();
+    let sent_at_ms = unix_now_ms();
+    let content = Content::Text {
+        id: MessageId(id),
+        seq,
+        sent_at_ms,
+        body: text.clone(),
+    };
+    let envelope = seal_content(identity, &mut record, bundle, to, &content)?;
+    let envelope_bytes = envelope.to_wire().map_err(wire_err("envelope"))?;
+    let session_bytes = record.to_wire().map_err(wire_err("session record"))?;
+    let message = StoredMessage {
+        id,
+        peer: *to,
+        direction: Direction::Out,
+        seq,
+        sent_at_ms,
+        received_at_ms: sent_at_ms,
+        body: text,
+        status: Status::Queued,
+    };
+    storage.commit_outgoing(to, &session_bytes, &message, &envelope_bytes, seq.saturating_add(1))?;
+    Ok((message, envelope))
+}
+
+/// Open an inbound envelope on copies of the stored state and commit everything it changed in
+/// one batch. A duplicate is acknowledged without changes.
+fn open_and_commit(
+    storage: &Storage,
+    identity: &Identity,
+    envelope: &Envelope,
+    now: u64,
+) -> Result<Processed, NodeError> {
+    let envelope_id = envelope.id();
+    let accepted = |duplicate| DirectResponse::Accepted {
+        envelope_id,
+        duplicate,
+    };
+    if storage.seen(&envelope_id)? {
+        return Ok(Processed {
+            response: accepted(true),
+            ..Processed::rejected(RejectReason::Internal)
+        });
+    }
+    let prekey_bytes = storage.prekeys()?.ok_or_else(|| NodeError::Crypto {
+        reason: "no prekey secrets saved".into(),
+    })?;
+    let mut prekeys = PrekeySecrets::from_wire(&prekey_bytes).map_err(wire_err("prekey secrets"))?;
+    let replay_bytes = storage.replay_cache()?;
+    let mut replay = match &replay_bytes {
+        Some(b) => ReplayCache::from_wire(b).map_err(wire_err("replay cache"))?,
+        None => ReplayCache::new(),
+    };
+    let mut load_error = None;
+    let opened = session::open_message(
+        identity,
+        &mut prekeys,
+        &mut replay,
+        |sender| match load_session(storage, sender) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                load_error = Some(e);
+                None
+            }
+        },
+        envelope,
+        now,
+    );
+    if let Some(e) = load_error {
+        return Err(e);
+    }
+    let received = match opened {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound envelope does not open");
+            return Ok(Processed::rejected(reject_reason_of(&e)));
+        }
+    };
+    let sender = received.sender;
+    let new_prekeys = prekeys.to_wire().map_err(wire_err("prekey secrets"))?;
+    let new_replay = replay.to_wire().map_err(wire_err("replay cache"))?;
+    let prekeys_changed = new_prekeys != prekey_bytes;
+    let replay_changed = replay_bytes.as_deref() != Some(new_replay.as_slice());
+    let session_bytes = received.record.to_wire().map_err(wire_err("session record"))?;
+
+    let (message, receipt, malformed) = match Content::decode(&received.plaintext) {
+        Ok(Content::Text {
+            id,
+            seq,
+            sent_at_ms,
+            body,
+        }) => (
+            Some(StoredMessage {
+                id: id.0,
+                peer: sender,
+                direction: Direction::In,
+                seq,
+                sent_at_ms,
+                received_at_ms: unix_now_ms(),
+                body,
+                status: Status::Delivered,
+            }),
+            None,
+            false,
+        ),
+        Ok(Content::Receipt { kind, ids }) => (None, Some((kind, ids)), false),
+        Err(e) => {
+            tracing::debug!(sender = %sender.user_id(), error = %e, "authenticated envelope with malformed content");
+            (None, None, true)
+        }
+    };
+    let outcome = storage.commit_incoming(
+        &envelope_id,
+        &sender,
+        &session_bytes,
+        prekeys_changed.then_some(new_prekeys.as_slice()),
+        replay_changed.then_some(new_replay.as_slice()),
+        message.as_ref(),
+    )?;
+    let mut processed = Processed {
+        response: accepted(false),
+        sender: Some(sender),
+        new_message: None,
+        status_changes: Vec::new(),
+        prekeys_changed,
+    };
+    match outcome {
+        IncomingOutcome::New { .. } => processed.new_message = message,
+        IncomingOutcome::Duplicate | IncomingOutcome::DuplicateMessage => {
+            processed.response = accepted(true);
+        }
+    }
+    if let Some((kind, ids)) = receipt {
+        let status = match kind {
+            ReceiptKind::Delivered => Status::Delivered,
+            ReceiptKind::Read => Status::Read,
+        };
+        for id in ids {
+            if let Some(m) = storage.set_status_from(&sender, &id.0, status)? {
+                processed.status_changes.push(m);
+            }
+        }
+    }
+    if malformed {
+        processed.response = DirectResponse::Rejected {
+            reason: RejectReason::Malformed,
+        };
+    }
+    Ok(processed)
+}
+
+/// Load (or create) the prekey secrets, rotate or replenish them if due, save, and return the
+/// bundle record to publish: (key, value, expires_at).
+fn prepare_bundle(
+    storage: &Storage,
+    identity: &Identity,
+    now: u64,
+) -> Result<(Vec<u8>, Vec<u8>, u64), NodeError> {
+    let (secrets, changed) = match storage.prekeys()? {
+        None => (PrekeySecrets::generate(identity, now, &mut OsRng).0, true),
+        Some(bytes) => {
+            let mut s = PrekeySecrets::from_wire(&bytes).map_err(wire_err("prekey secrets"))?;
+            if s.needs_rotation(now) {
+                s.rotate(identity, now, &mut OsRng);
+                (s, true)
+            } else if s.one_time_count() < ONE_TIME_LOW_WATER {
+                let changed = s.replenish(identity, &mut OsRng).is_some();
+                (s, changed)
+            } else {
+                (s, false)
+            }
+        }
+    };
+    if changed {
+        let bytes = secrets.to_wire().map_err(wire_err("prekey secrets"))?;
+        storage.save_prekeys(&bytes)?;
+    }
+    let bundle = secrets.bundle(identity);
+    let value = bundle.to_wire().map_err(wire_err("prekey bundle"))?;
+    let key = records::bundle_record_key(&identity.public());
+    storage.put_own_record(&key, &value)?;
+    Ok((key, value, bundle.expires_at))
+}
+
+/// The identities of all contacts, sorted.
+fn contact_set(storage: &Storage) -> Result<Vec<PublicIdentity>, NodeError> {
+    let mut set: Vec<PublicIdentity> = storage.contacts()?.into_iter().map(|c| c.identity).collect();
+    set.sort();
+    Ok(set)
+}
+
+/// Records to publish: (key, value, expires_at).
+type RecordList = Vec<(Vec<u8>, Vec<u8>, u64)>;
+
+/// One presence record per contact for the current epoch, and the contacts they are for.
+fn prepare_presence(
+    storage: &Storage,
+    identity: &Identity,
+    presence: &Presence,
+    now: u64,
+) -> Result<(RecordList, Vec<PublicIdentity>), NodeError> {
+    let contacts = storage.contacts()?;
+    let mut set: Vec<PublicIdentity> = contacts.iter().map(|c| c.identity).collect();
+    set.sort();
+    if contacts.is_empty() {
+        return Ok((Vec::new(), set));
+    }
+    let seq = storage.bump_record_seq("presence")?;
+    let epoch = addressing::epoch(now);
+    let expires_at = (epoch + 1)
+        .saturating_mul(addressing::EPOCH_SECS)
+        .saturating_add(PRESENCE_GRACE_SECS);
+    let me = identity.public();
+    let mut out = Vec::with_capacity(contacts.len());
+    for c in contacts {
+        let pair = pair_secret(identity, &c.identity);
+        let keys = PresenceKeys::derive(&pair, &me, epoch);
+        let record = keys
+            .seal(presence, seq, expires_at, &mut OsRng)
+            .map_err(crypto_err)?;
+        let value = record.to_wire().map_err(wire_err("presence record"))?;
+        out.push((keys.dht_key(), value, expires_at));
+    }
+    Ok((out, set))
+}

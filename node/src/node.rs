@@ -1,0 +1,522 @@
+//! The public face of the node: [`Node::start`] and the cloneable [`NodeHandle`] that the CLI,
+//! the control socket and tests drive. See `docs/architecture.md`, "Node API".
+//!
+//! Starting a node opens the home's RocksDB, loads the identity, builds the swarm, listens,
+//! dials the bootstrap peers, then spawns the tasks of the node: the event loop (owning the
+//! swarm), the inbound-envelope worker, the publisher (prekey bundle and presence records) and
+//! the outbox retry loop (`crate::messaging`). [`NodeHandle::shutdown`] stops them all and waits
+//! for them, so that once it returns only the handles keep the database open.
+
+use std::{sync::Arc, time::Duration};
+
+use libp2p::{Multiaddr, PeerId};
+use meshchat_protocol::{PublicIdentity, UserId};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{broadcast, watch, Mutex},
+    task::JoinHandle,
+};
+
+use crate::{
+    behaviour,
+    control::{self, BackendError, ControlBackend, ControlErrorKind},
+    config::NodeConfig,
+    error::NodeError,
+    event_loop::{self, peer_of, strip_p2p, NetClient},
+    messaging::{Messenger, PublishReport},
+    storage::{Contact, Status, Storage, StoredMessage},
+};
+
+/// Capacity of the event broadcast; a subscriber that falls further behind misses events
+/// (`RecvError::Lagged`) and should re-read storage.
+pub(crate) const EVENT_CAPACITY: usize = 256;
+/// How long `start` waits for the listeners to report their addresses.
+const LISTEN_WAIT: Duration = Duration::from_secs(3);
+
+/// What happened, for subscribers ([`NodeHandle::subscribe`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// A new message arrived and is stored.
+    MessageReceived(StoredMessage),
+    /// One of our messages changed status (delivered, read, failed…).
+    MessageStatus {
+        /// The message.
+        id: [u8; 16],
+        /// Its recipient.
+        peer: PublicIdentity,
+        /// The new status.
+        status: Status,
+    },
+}
+
+/// One connected peer, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectedPeer {
+    /// Its libp2p peer ID.
+    pub peer_id: String,
+    /// The address of (one of) the connection(s).
+    pub addr: String,
+    /// Whether the connection goes through a relay.
+    pub relayed: bool,
+}
+
+/// What `meshchat status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NodeStatus {
+    /// This node's libp2p peer ID (not the user's identity).
+    pub peer_id: String,
+    /// The user's ID (`mc1…`).
+    pub user_id: String,
+    /// Listen addresses as full multiaddrs ending in `/p2p/PEER_ID`.
+    pub listen_addrs: Vec<String>,
+    /// Confirmed external addresses, ending in `/p2p/PEER_ID`.
+    pub external_addrs: Vec<String>,
+    /// Connected peers.
+    pub connected: Vec<ConnectedPeer>,
+    /// Peers in the Kademlia routing table.
+    pub routing_table_size: usize,
+    /// Reachability as far as known (`unknown` until AutoNAT runs).
+    pub nat_status: String,
+    /// Relays holding a reservation for us.
+    pub relay_reservations: Vec<String>,
+    /// Mailbox replicas this node holds for others.
+    pub mailbox_replicas_held: u64,
+    /// DHT records this node holds (its own and others').
+    pub dht_records_held: usize,
+    /// Whether Kademlia runs in server mode (answers queries, stores records).
+    pub dht_server: bool,
+}
+
+/// How [`NodeHandle::send_text`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SendOutcome {
+    /// The recipient's node acknowledged it (it is durably stored there).
+    Delivered,
+    /// The recipient could not be reached in time; the message is durably in the outbox and
+    /// will be retried.
+    Queued {
+        /// Why it is not delivered yet.
+        reason: String,
+    },
+    /// The recipient's node refused the message for good (e.g. it cannot decrypt it); it will
+    /// not be retried.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The result of [`NodeHandle::send_text`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendReport {
+    /// The id of the message (random, chosen by us).
+    pub message_id: [u8; 16],
+    /// Where it is.
+    pub outcome: SendOutcome,
+}
+
+/// Entry point: [`Node::start`].
+#[derive(Debug)]
+pub struct Node;
+
+impl Node {
+    /// Start a node on `config.home` (which must hold an identity) and return its handle.
+    pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+        let home = config.home.clone();
+        let storage = tokio::task::spawn_blocking(move || Storage::open(&home)).await??;
+        let (identity, keypair, remembered) = {
+            let storage = storage.clone();
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, NodeError>((
+                    storage.load_identity()?,
+                    storage.node_keypair()?,
+                    storage.bootstrap_addrs()?,
+                ))
+            })
+            .await??
+        };
+
+        let mut bootstrap: Vec<Multiaddr> = Vec::new();
+        for addr in &config.bootstrap {
+            if peer_of(addr).is_none() {
+                return Err(NodeError::BadAddress {
+                    addr: addr.to_string(),
+                    reason: "a bootstrap address must end in /p2p/PEER_ID".into(),
+                });
+            }
+            bootstrap.push(addr.clone());
+        }
+        if !config.bootstrap.is_empty() {
+            let strings: Vec<String> = config.bootstrap.iter().map(ToString::to_string).collect();
+            let storage = storage.clone();
+            tokio::task::spawn_blocking(move || storage.remember_bootstrap(&strings)).await??;
+        }
+        for s in remembered {
+            match s.parse::<Multiaddr>() {
+                Ok(a) if peer_of(&a).is_some() && !bootstrap.contains(&a) => bootstrap.push(a),
+                _ => tracing::debug!(addr = %s, "ignoring a remembered bootstrap address"),
+            }
+        }
+
+        let swarm = behaviour::build_swarm(keypair, &config)?;
+        let local_peer_id = *swarm.local_peer_id();
+        let (mut event_loop, net, inbound_rx, addrs_rx) =
+            event_loop::new(swarm, config.limits.clone(), config.force_dht_server());
+        {
+            let swarm = event_loop.swarm_mut();
+            for addr in &config.listen {
+                swarm
+                    .listen_on(addr.clone())
+                    .map_err(|source| NodeError::Listen {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+            }
+            for addr in &config.external {
+                swarm.add_external_address(addr.clone());
+            }
+            for addr in &bootstrap {
+                let Some(peer) = peer_of(addr) else { continue };
+                if peer == local_peer_id {
+                    continue;
+                }
+                swarm.behaviour_mut().kad.add_address(&peer, strip_p2p(addr));
+                if let Err(e) = swarm.dial(addr.clone()) {
+                    tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+                }
+            }
+        }
+        let loop_task = tokio::spawn(event_loop.run());
+
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let messenger = Arc::new(Messenger::new(
+            storage.clone(),
+            identity.clone(),
+            local_peer_id,
+            net.clone(),
+            events.clone(),
+            addrs_rx.clone(),
+            config.send_timeout,
+        ));
+        messenger.ensure_prekeys().await?;
+        let mut tasks = vec![loop_task];
+        tasks.extend(messenger.spawn_tasks(inbound_rx, shutdown_rx));
+
+        let handle = NodeHandle {
+            inner: Arc::new(Inner {
+                net,
+                messenger,
+                storage,
+                user_id: identity.user_id(),
+                peer_id: local_peer_id,
+                events,
+                shutdown: shutdown_tx,
+                tasks: Mutex::new(tasks),
+                control: Mutex::new(None),
+            }),
+        };
+
+        // Let the listeners come up so `status` (and `run`'s banner) show real addresses.
+        if !config.listen.is_empty() {
+            let mut rx = addrs_rx;
+            let _ = tokio::time::timeout(LISTEN_WAIT, rx.wait_for(|a| !a.is_empty())).await;
+        }
+
+        if config.serve_control {
+            let path = control::socket_path(&config.home);
+            match control::serve(handle.clone(), &path) {
+                Ok(server) => *handle.inner.control.lock().await = Some(server),
+                Err(e) => {
+                    handle.shutdown().await;
+                    return Err(NodeError::Control {
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        tracing::info!(peer_id = %local_peer_id, user_id = %handle.inner.user_id, "node started");
+        Ok(handle)
+    }
+}
+
+struct Inner {
+    net: NetClient,
+    messenger: Arc<Messenger>,
+    storage: Storage,
+    user_id: UserId,
+    peer_id: PeerId,
+    events: broadcast::Sender<NodeEvent>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    control: Mutex<Option<control::ControlServer>>,
+}
+
+/// A running node. Cheap to clone; every clone drives the same node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("peer_id", &self.inner.peer_id)
+            .field("user_id", &self.inner.user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeHandle {
+    /// The node's libp2p peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The user's ID.
+    pub fn user_id(&self) -> &UserId {
+        &self.inner.user_id
+    }
+
+    /// The home's storage (sync API: call it from `spawn_blocking` in async code).
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    /// Peer ID, addresses, connections, routing table.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let s = self.inner.net.status().await.map_err(|_| NodeError::Stopped)?;
+        Ok(NodeStatus {
+            peer_id: s.peer_id.to_string(),
+            user_id: self.inner.user_id.to_string(),
+            listen_addrs: s.listen_addrs.iter().map(ToString::to_string).collect(),
+            external_addrs: s.external_addrs.iter().map(ToString::to_string).collect(),
+            connected: s
+                .connected
+                .into_iter()
+                .map(|(p, c)| ConnectedPeer {
+                    peer_id: p.to_string(),
+                    addr: c.addr.to_string(),
+                    relayed: c.relayed,
+                })
+                .collect(),
+            routing_table_size: s.routing_table_size,
+            nat_status: "unknown".into(),
+            relay_reservations: Vec::new(),
+            mailbox_replicas_held: 0,
+            dht_records_held: s.dht_records_held,
+            dht_server: s.dht_server,
+        })
+    }
+
+    /// Encrypt `text` for `to`, commit it to the outbox, and deliver it directly. Returns
+    /// `Delivered` once the recipient acknowledged it, or `Queued` once it is durably in the
+    /// outbox and the recipient could not be reached within the configured send timeout.
+    pub async fn send_text(&self, to: PublicIdentity, text: String) -> Result<SendReport, NodeError> {
+        self.inner.messenger.send_text(to, text).await
+    }
+
+    /// Events: received messages, status changes of ours.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Add a contact and publish our presence record for them.
+    pub async fn add_contact(
+        &self,
+        name: String,
+        identity: PublicIdentity,
+    ) -> Result<Contact, NodeError> {
+        let storage = self.inner.storage.clone();
+        let contact =
+            tokio::task::spawn_blocking(move || storage.add_contact(&name, &identity)).await??;
+        self.inner.messenger.trigger_publish();
+        Ok(contact)
+    }
+
+    /// Publish (now) the prekey bundle and a presence record for every contact; returns once
+    /// the DHT answered.
+    pub async fn publish_records(&self) -> Result<PublishReport, NodeError> {
+        self.inner.messenger.publish_all().await
+    }
+
+    /// Mark incoming messages from `peer` as read and tell the sender (a read receipt, sent
+    /// directly; best effort).
+    pub async fn mark_read(&self, peer: PublicIdentity, ids: Vec<[u8; 16]>) -> Result<(), NodeError> {
+        self.inner.messenger.mark_read(peer, ids).await
+    }
+
+    /// The value this node's DHT store holds under `key` (its own records and those it keeps for
+    /// others), if any.
+    pub async fn local_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, NodeError> {
+        self.inner
+            .net
+            .local_record(key)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// Dial a peer (a multiaddr ending in `/p2p/PEER_ID`) and wait for the connection.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        self.inner
+            .net
+            .dial(addr.clone())
+            .await
+            .map_err(|_| NodeError::Stopped)?
+            .map_err(|reason| NodeError::BadAddress {
+                addr: addr.to_string(),
+                reason,
+            })
+    }
+
+    /// Stop the node: the event loop (closing every connection and listener), all tasks and the
+    /// control socket. Returns once they have stopped. Idempotent.
+    pub async fn shutdown(&self) {
+        self.stop_tasks().await;
+        let server = self.inner.control.lock().await.take();
+        if let Some(server) = server {
+            server.shutdown().await;
+        }
+    }
+
+    /// Resolves once a shutdown has been requested (by [`NodeHandle::shutdown`] or a control
+    /// client's `Shutdown`); `meshchat run` waits on this and then calls `shutdown`.
+    pub async fn stopped(&self) {
+        let mut rx = self.inner.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Stop everything but the control socket (so a control client asking for the shutdown
+    /// still gets its answer).
+    async fn stop_tasks(&self) {
+        self.inner.shutdown.send_replace(true);
+        let _ = self.inner.net.shutdown().await;
+        let tasks: Vec<JoinHandle<()>> = self.inner.tasks.lock().await.drain(..).collect();
+        for t in tasks {
+            if let Err(e) = t.await {
+                if e.is_panic() {
+                    tracing::error!(error = %e, "a node task panicked");
+                }
+            }
+        }
+    }
+}
+
+fn backend_error(e: NodeError) -> BackendError {
+    use crate::error::ErrorKind;
+    let kind = match e.kind() {
+        ErrorKind::NotFound => ControlErrorKind::NotFound,
+        ErrorKind::InvalidInput => ControlErrorKind::InvalidInput,
+        ErrorKind::Unavailable => ControlErrorKind::Unavailable,
+        ErrorKind::HomeInUse => ControlErrorKind::HomeInUse,
+        ErrorKind::NoIdentity => ControlErrorKind::NoIdentity,
+        _ => ControlErrorKind::Internal,
+    };
+    BackendError::new(kind, e.to_string())
+}
+
+/// The running node answers the control socket.
+#[async_trait::async_trait]
+impl ControlBackend for NodeHandle {
+    fn storage(&self) -> &Storage {
+        NodeHandle::storage(self)
+    }
+
+    async fn status(&self) -> Result<control::NodeStatusView, BackendError> {
+        let s = NodeHandle::status(self).await.map_err(backend_error)?;
+        Ok(control::NodeStatusView {
+            peer_id: s.peer_id,
+            user_id: s.user_id,
+            listen_addrs: s.listen_addrs,
+            external_addrs: s.external_addrs,
+            connected: s
+                .connected
+                .into_iter()
+                .map(|c| control::ConnectedView {
+                    peer_id: c.peer_id,
+                    addr: c.addr,
+                    relayed: c.relayed,
+                })
+                .collect(),
+            routing_table_size: s.routing_table_size as u64,
+            nat_status: s.nat_status,
+            relay_reservations: s.relay_reservations,
+            mailbox_replicas_held: s.mailbox_replicas_held,
+        })
+    }
+
+    async fn send_text(
+        &self,
+        to: PublicIdentity,
+        text: String,
+    ) -> Result<control::SendOutcomeReport, BackendError> {
+        let report = NodeHandle::send_text(self, to, text)
+            .await
+            .map_err(backend_error)?;
+        let outcome = match report.outcome {
+            SendOutcome::Delivered => control::SendOutcome::Delivered,
+            SendOutcome::Queued { reason } => control::SendOutcome::Queued { reason },
+            SendOutcome::Failed { reason } => {
+                return Err(BackendError::new(ControlErrorKind::Unavailable, reason))
+            }
+        };
+        Ok(control::SendOutcomeReport {
+            message_id: report.message_id,
+            outcome,
+        })
+    }
+
+    fn message_wakeups(&self) -> Option<futures::stream::BoxStream<'static, ()>> {
+        use futures::StreamExt;
+        let rx = self.subscribe();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(NodeEvent::MessageReceived(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return Some(((), rx))
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Some(stream.boxed())
+    }
+
+    async fn add_contact(
+        &self,
+        name: String,
+        identity: PublicIdentity,
+    ) -> Result<Contact, BackendError> {
+        NodeHandle::add_contact(self, name, identity)
+            .await
+            .map_err(backend_error)
+    }
+
+    async fn messages_shown(&self, shown: Vec<StoredMessage>) {
+        let mut by_peer: std::collections::BTreeMap<PublicIdentity, Vec<[u8; 16]>> =
+            std::collections::BTreeMap::new();
+        for m in shown {
+            if m.direction == crate::storage::Direction::In && m.status != Status::Read {
+                by_peer.entry(m.peer).or_default().push(m.id);
+            }
+        }
+        for (peer, ids) in by_peer {
+            // Receipts may wait for an unreachable peer; do not hold up the listing.
+            let handle = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle.mark_read(peer, ids).await {
+                    tracing::debug!(error = %e, "marking messages read failed");
+                }
+            });
+        }
+    }
+
+    async fn shutdown(&self) -> Result<(), BackendError> {
+        self.stop_tasks().await;
+        Ok(())
+    }
+}

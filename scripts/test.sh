@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property, integration (real libp2p swarms on loopback, real RocksDB),
+# end-to-end (real `meshchat` processes). Installs missing system packages first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/ensure-deps.sh
+. scripts/env.sh
+cargo test --workspace --locked "$@"
