@@ -18,7 +18,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use meshchat_protocol::{
     envelope, open_message, ratchet::ASSOCIATED_DATA_LEN, seal_message, x3dh, Identity,
-    PrekeySecrets, RatchetState, ReplayCache, SessionRecord,
+    PrekeySecrets, PublicIdentity, RatchetState, ReplayCache, SessionRecord,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -50,6 +50,17 @@ fn primitives(c: &mut Criterion) {
     });
     g.bench_function("ed25519_verify_strict_128B", |bench| {
         bench.iter(|| black_box(&vk).verify_strict(black_box(&msg), black_box(&sig)))
+    });
+
+    // What using an identity key costs besides signatures: decoding and validating the 32 bytes
+    // (point decompression and small-order check), and its X25519 form for Diffie-Hellman.
+    let ident = Identity::generate(&mut rng).public();
+    let ident_bytes = *ident.as_bytes();
+    g.bench_function("identity_decode_32B", |bench| {
+        bench.iter(|| PublicIdentity::from_bytes(black_box(&ident_bytes)))
+    });
+    g.bench_function("identity_to_x25519", |bench| {
+        bench.iter(|| black_box(&ident).x25519_public())
     });
 
     let cipher = ChaCha20Poly1305::new_from_slice(&[7u8; 32]).expect("32-byte key");
@@ -180,6 +191,25 @@ fn composite(c: &mut Criterion) {
             },
             BatchSize::SmallInput,
         )
+    });
+
+    // The sealed-sender envelope alone, for a payload the size of a session message carrying
+    // 1 KiB (1 KiB + 69 bytes of session-message framing and tag: the 4 KiB bucket).
+    let payload = vec![0x62u8; KIB + 69];
+    g.bench_function("envelope_1KiB_message_seal_and_open", |bench| {
+        bench.iter(|| {
+            let env = envelope::seal(
+                &alice,
+                &bob.public(),
+                [0; 32],
+                NOW,
+                envelope::DEFAULT_TTL_SECS,
+                black_box(&payload),
+                &mut rng,
+            )
+            .expect("seals");
+            envelope::open(&bob, &env, NOW).expect("opens")
+        })
     });
 
     // A message of an established session through seal_message/open_message: ratchet plus

@@ -23,6 +23,9 @@ pub const MAX_RECEIPT_IDS: usize = 512;
 /// id 16, seq 8, time 8, length 8).
 pub const MAX_CONTENT_BYTES: usize = 1 + 4 + 16 + 8 + 8 + 8 + MAX_TEXT_BYTES;
 
+// A maximal text must fit a session plaintext (and so an envelope).
+const _: () = assert!(MAX_CONTENT_BYTES <= crate::session::MAX_PLAINTEXT_BYTES);
+
 /// A message id: 16 random bytes chosen by the sender.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MessageId(pub [u8; 16]);
@@ -278,12 +281,6 @@ mod tests {
             Content::decode(&bytes),
             Err(ContentError::Wire(_))
         ));
-    }
-
-    #[test]
-    fn the_largest_content_fits_a_session_plaintext() {
-        // A maximal text must survive the session layer and the envelope.
-        assert!(MAX_CONTENT_BYTES <= crate::session::MAX_PLAINTEXT_BYTES);
     }
 
     #[test]

@@ -953,7 +953,7 @@ mod tests {
                     a.decrypt(&reply, NOW).expect("dec");
                 }
             }
-            let mut got = vec![false; 40];
+            let mut got = [false; 40];
             for (k, &i) in order.iter().enumerate() {
                 let (want, m) = &sent[i];
                 match b.decrypt(m, NOW) {

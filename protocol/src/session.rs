@@ -70,8 +70,9 @@ const _: () = assert!(MAX_SESSION_MESSAGE_BYTES <= envelope::MAX_PAYLOAD_BYTES);
 #[non_exhaustive]
 pub enum SessionError {
     /// The envelope could not be opened (expired, not for us, tampered outside, bad signature…).
+    /// Boxed, like the identities below, to keep the error (and every `Result` carrying it) small.
     #[error("envelope: {0}")]
-    Envelope(#[from] EnvelopeError),
+    Envelope(Box<EnvelopeError>),
     /// The payload inside the envelope is not a valid session message.
     #[error("session message: {0}")]
     Wire(#[from] WireError),
@@ -79,7 +80,7 @@ pub enum SessionError {
     #[error("replayed first message from {initiator:?}")]
     Replay {
         /// Who the handshake claims to come from.
-        initiator: PublicIdentity,
+        initiator: Box<PublicIdentity>,
     },
     /// The message was already received (or its key discarded after expiry or eviction).
     #[error("duplicate message {n} of its chain (already received, or its key was discarded)")]
@@ -126,21 +127,21 @@ pub enum SessionError {
     #[error("no session with {peer:?}")]
     NoSession {
         /// The sender.
-        peer: PublicIdentity,
+        peer: Box<PublicIdentity>,
     },
     /// There is no session with the recipient yet and no bundle was given to start one.
     #[error("no session with {peer:?} yet: fetch their prekey bundle")]
     BundleRequired {
         /// The recipient.
-        peer: PublicIdentity,
+        peer: Box<PublicIdentity>,
     },
     /// The bundle given belongs to someone other than the recipient.
     #[error("bundle of {found:?} given for a message to {expected:?}")]
     WrongBundle {
         /// The recipient.
-        expected: PublicIdentity,
+        expected: Box<PublicIdentity>,
         /// Whose bundle it is.
-        found: PublicIdentity,
+        found: Box<PublicIdentity>,
     },
     /// A key in the handshake or a ratchet header is a low-order point.
     #[error("low-order key in the handshake or ratchet")]
@@ -157,6 +158,12 @@ pub enum SessionError {
     /// The sending chain reached 2^32 messages.
     #[error("message counter exhausted")]
     CounterExhausted,
+}
+
+impl From<EnvelopeError> for SessionError {
+    fn from(e: EnvelopeError) -> Self {
+        Self::Envelope(Box::new(e))
+    }
 }
 
 impl From<RatchetError> for SessionError {
@@ -359,7 +366,9 @@ impl SessionRecord {
             .map(|(slot, s)| (slot, s.ratchet.knows_ratchet_key(&message.header.dh)))
             .collect();
         if slots.is_empty() {
-            return Err(SessionError::NoSession { peer: *peer });
+            return Err(SessionError::NoSession {
+                peer: Box::new(*peer),
+            });
         }
         if let Some((slot, _)) = slots.iter().find(|(_, knows)| *knows) {
             return Ok(self.decrypt_at(*slot, message, now)?);
@@ -385,8 +394,7 @@ impl SessionRecord {
     }
 }
 
-/// What [`open_message`] returns.
-#[derive(Debug)]
+/// What [`open_message`] returns. `Debug` shows the plaintext's length, never its bytes.
 pub struct Received {
     /// The authenticated sender.
     pub sender: PublicIdentity,
@@ -396,6 +404,17 @@ pub struct Received {
     pub record: SessionRecord,
     /// Whether this message started a new session (the replay cache and prekeys changed).
     pub new_session: bool,
+}
+
+impl fmt::Debug for Received {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Received")
+            .field("sender", &self.sender)
+            .field("plaintext_len", &self.plaintext.len())
+            .field("record", &self.record)
+            .field("new_session", &self.new_session)
+            .finish()
+    }
 }
 
 /// Encrypt `plaintext` for `recipient` and seal it in an envelope routed by `routing_key`.
@@ -426,11 +445,13 @@ pub fn seal_message<R: CryptoRngCore + ?Sized>(
     // A new session is built on the side and installed only once the envelope is sealed.
     let mut fresh = None;
     if record.current.is_none() {
-        let bundle = bundle.ok_or(SessionError::BundleRequired { peer: *recipient })?;
+        let bundle = bundle.ok_or_else(|| SessionError::BundleRequired {
+            peer: Box::new(*recipient),
+        })?;
         if bundle.identity() != recipient {
             return Err(SessionError::WrongBundle {
-                expected: *recipient,
-                found: *bundle.identity(),
+                expected: Box::new(*recipient),
+                found: Box::new(*bundle.identity()),
             });
         }
         let init = x3dh::initiate(me, bundle, rng)?;
@@ -455,7 +476,9 @@ pub fn seal_message<R: CryptoRngCore + ?Sized>(
         None => record
             .current
             .as_mut()
-            .ok_or(SessionError::BundleRequired { peer: *recipient })?,
+            .ok_or_else(|| SessionError::BundleRequired {
+                peer: Box::new(*recipient),
+            })?,
     };
     let message = session.ratchet.encrypt(plaintext, rng)?;
     let session_message = match session.pending_prekey {
@@ -511,7 +534,9 @@ pub fn open_message(
                 // A further first-phase message of a session this handshake already made.
                 (record.decrypt_at(slot, &message, now)?, false)
             } else if replay.contains(&sender, &header.ephemeral, now) {
-                return Err(SessionError::Replay { initiator: sender });
+                return Err(SessionError::Replay {
+                    initiator: Box::new(sender),
+                });
             } else {
                 let mut new_prekeys = prekeys.clone();
                 let responded = x3dh::respond(me, &sender, &header, &mut new_prekeys, now)?;

@@ -23,6 +23,9 @@ const T0: u64 = 1_700_000_000;
 const TTL: u32 = envelope::DEFAULT_TTL_SECS;
 const ROUTING: [u8; 32] = [0x5a; 32];
 
+/// Everything a device persists: prekeys, replay cache, session records (all as bytes).
+type Persisted = (Vec<u8>, Vec<u8>, Vec<(PublicIdentity, Vec<u8>)>);
+
 /// One user's device: identity plus everything the node persists, held as wire bytes.
 #[derive(Clone)]
 struct Party {
@@ -129,7 +132,7 @@ impl Party {
     }
 
     /// Everything persisted, to check that a failure changed nothing.
-    fn persisted(&self) -> (Vec<u8>, Vec<u8>, Vec<(PublicIdentity, Vec<u8>)>) {
+    fn persisted(&self) -> Persisted {
         let mut records: Vec<_> = self.records.clone().into_iter().collect();
         records.sort_by_key(|(p, _)| *p);
         (self.prekeys.clone(), self.replay.clone(), records)
@@ -283,7 +286,7 @@ fn a_replayed_first_message_is_rejected() {
     assert_eq!(
         b.receive(&first),
         Err(SessionError::Replay {
-            initiator: a.public()
+            initiator: Box::new(a.public())
         })
     );
     assert_eq!(b.persisted(), before);
@@ -322,7 +325,7 @@ fn the_replay_cache_is_what_stops_a_replay_without_a_one_time_prekey() {
     assert_eq!(
         b.receive(&first),
         Err(SessionError::Replay {
-            initiator: a.public()
+            initiator: Box::new(a.public())
         })
     );
     assert_eq!(b.persisted(), before);
@@ -345,7 +348,9 @@ fn tampered_messages_are_rejected_and_change_nothing() {
     flipped.ciphertext[40] ^= 1;
     assert_eq!(
         b.receive(&flipped),
-        Err(SessionError::Envelope(EnvelopeError::Undecryptable))
+        Err(SessionError::Envelope(Box::new(
+            EnvelopeError::Undecryptable
+        )))
     );
     // Altered inside a validly sealed envelope: the ratchet's tag fails.
     let SessionMessage::Normal(mut rm) = inner(&b, &m) else {
@@ -440,14 +445,18 @@ fn a_message_for_someone_else_is_rejected() {
     let m = a.send(&b, b"for bob", &mut r);
     assert_eq!(
         c.receive(&m),
-        Err(SessionError::Envelope(EnvelopeError::Undecryptable))
+        Err(SessionError::Envelope(Box::new(
+            EnvelopeError::Undecryptable
+        )))
     );
     // A first message for Bob, relayed to Carol, fails the same way.
     let (mut a2, b2, mut r2) = setup(12);
     let first = a2.send(&b2, b"hello", &mut r2);
     assert_eq!(
         c.receive(&first),
-        Err(SessionError::Envelope(EnvelopeError::Undecryptable))
+        Err(SessionError::Envelope(Box::new(
+            EnvelopeError::Undecryptable
+        )))
     );
 }
 
@@ -621,7 +630,9 @@ fn sending_needs_a_bundle_and_the_right_one() {
             &mut r
         )
         .map(|_| ()),
-        Err(SessionError::BundleRequired { peer: b.public() })
+        Err(SessionError::BundleRequired {
+            peer: Box::new(b.public())
+        })
     );
     let wrong = c.bundle.verify(T0).expect("verifies");
     assert_eq!(
@@ -638,8 +649,8 @@ fn sending_needs_a_bundle_and_the_right_one() {
         )
         .map(|_| ()),
         Err(SessionError::WrongBundle {
-            expected: b.public(),
-            found: c.public()
+            expected: Box::new(b.public()),
+            found: Box::new(c.public())
         })
     );
     assert!(!record.has_session());
@@ -652,7 +663,9 @@ fn a_normal_message_without_a_session_is_rejected() {
     b.records.clear();
     assert_eq!(
         b.receive(&m),
-        Err(SessionError::NoSession { peer: a.public() })
+        Err(SessionError::NoSession {
+            peer: Box::new(a.public())
+        })
     );
 }
 
@@ -765,11 +778,26 @@ fn old_sessions_are_kept_up_to_the_limit() {
             assert_eq!(
                 got,
                 Err(SessionError::Replay {
-                    initiator: a.public()
+                    initiator: Box::new(a.public())
                 })
             );
         }
     }
+}
+
+#[test]
+fn debug_output_shows_no_plaintext() {
+    let (mut a, b, mut r) = setup(25);
+    let env = a.send(&b, b"the secret plan", &mut r);
+    let mut prekeys = PrekeySecrets::from_wire(&b.prekeys).expect("decodes");
+    let mut replay = ReplayCache::new();
+    let got =
+        open_message(&b.id, &mut prekeys, &mut replay, |_| None, &env, T0 + 1).expect("opens");
+    assert_eq!(got.plaintext, b"the secret plan");
+    let dbg = format!("{got:?}");
+    assert!(!dbg.contains("secret"), "{dbg}");
+    assert!(!dbg.contains(&format!("{:?}", b"the secret plan")));
+    assert!(dbg.contains("plaintext_len: 15"));
 }
 
 proptest! {
