@@ -72,6 +72,10 @@ pub(crate) struct RunArgs {
     /// Local network only: find peers by mDNS, no bootstrap needed.
     #[arg(long)]
     pub(crate) lan_only: bool,
+    /// Answer DHT queries and store records for others from the start, without waiting for a
+    /// confirmed public address (a node others bootstrap from on a private network or loopback).
+    #[arg(long, env = "MESHCHAT_DHT_SERVER")]
+    pub(crate) dht_server: bool,
 }
 
 #[derive(Debug, Subcommand)]

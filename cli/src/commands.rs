@@ -92,17 +92,20 @@ fn read_phrase() -> Result<String, Failure> {
 }
 
 async fn init(ctx: &Ctx, restore: bool) -> Result<u8, Failure> {
-    let storage = conn::open_storage(&ctx.home).await?;
-    if let Ok(existing) = storage.load_identity() {
-        return Err(Failure::new(
-            exit::GENERIC,
-            "already_exists",
-            format!(
-                "{} already holds an identity ({}); refusing to overwrite it (use another --home)",
-                ctx.home.display(),
-                existing.user_id()
-            ),
-        ));
+    // Refuse before asking for a phrase; create nothing until the identity is ready.
+    if ctx.home.join("db").exists() {
+        let storage = conn::open_storage(&ctx.home).await?;
+        if let Ok(existing) = storage.load_identity() {
+            return Err(Failure::new(
+                exit::GENERIC,
+                "already_exists",
+                format!(
+                    "{} already holds an identity ({}); refusing to overwrite it (use another --home)",
+                    ctx.home.display(),
+                    existing.user_id()
+                ),
+            ));
+        }
     }
     let identity = if restore {
         let phrase = read_phrase()?;
@@ -110,6 +113,8 @@ async fn init(ctx: &Ctx, restore: bool) -> Result<u8, Failure> {
     } else {
         Identity::generate(&mut rand::rngs::OsRng)
     };
+    // Saving refuses, too, if another `init` raced us.
+    let storage = conn::open_storage(&ctx.home).await?;
     let (peer_id, identity) = tokio::task::spawn_blocking(move || {
         storage.save_identity(&identity)?;
         let peer_id = storage.node_keypair()?.public().to_peer_id();
@@ -195,6 +200,7 @@ async fn run_node(ctx: &Ctx, args: RunArgs) -> Result<u8, Failure> {
     }
     config.bootstrap = args.bootstrap;
     config.lan_only = args.lan_only;
+    config.dht_server = args.dht_server;
     config.serve_control = true;
     let handle = Node::start(config).await?;
     let status = handle.status().await?;
@@ -209,7 +215,10 @@ async fn run_node(ctx: &Ctx, args: RunArgs) -> Result<u8, Failure> {
             }),
         );
     } else {
-        println!("meshchat node running on {} (Ctrl-C to stop)", ctx.home.display());
+        println!(
+            "meshchat node running on {} (Ctrl-C to stop)",
+            ctx.home.display()
+        );
         println!("user ID: {}", status.user_id);
         println!("peer ID: {}", status.peer_id);
         println!("dialable at (paste after --bootstrap):");
@@ -225,7 +234,7 @@ async fn run_node(ctx: &Ctx, args: RunArgs) -> Result<u8, Failure> {
         eprintln!("Shutting down…");
     }
     handle.shutdown().await;
-    ctx.out.emit("stopped", json!({ "event": "stopped" }));
+    ctx.out.emit("Stopped.", json!({ "event": "stopped" }));
     Ok(exit::OK)
 }
 
@@ -235,7 +244,8 @@ async fn status(ctx: &Ctx) -> Result<u8, Failure> {
     conn.close().await;
     match r? {
         ControlResponse::Status(s) => {
-            ctx.out.emit(output::status_text(&s), output::status_json(&s));
+            ctx.out
+                .emit(output::status_text(&s), output::status_json(&s));
             Ok(exit::OK)
         }
         other => Err(unexpected(&other)),
@@ -322,13 +332,20 @@ async fn contact_with(ctx: &Ctx, conn: &mut Conn, command: ContactCommand) -> Re
                 return Ok(exit::OK);
             }
             if !ctx.out.json {
-                println!("Safety number with {} ({}):", v.contact.name, v.contact.user_id);
+                println!(
+                    "Safety number with {} ({}):",
+                    v.contact.name, v.contact.user_id
+                );
                 println!();
                 println!("  {}", v.safety_number);
                 println!();
             }
             if yes {
                 println!("{} is marked as verified.", v.contact.name);
+                return Ok(exit::OK);
+            }
+            if v.contact.verified {
+                println!("{} is already marked as verified.", v.contact.name);
                 return Ok(exit::OK);
             }
             println!(
@@ -340,7 +357,13 @@ async fn contact_with(ctx: &Ctx, conn: &mut Conn, command: ContactCommand) -> Re
                 return Ok(exit::OK);
             }
             match conn
-                .request(ControlRequest::ContactVerify { name, confirm: true }, |_| Ok(()))
+                .request(
+                    ControlRequest::ContactVerify {
+                        name,
+                        confirm: true,
+                    },
+                    |_| Ok(()),
+                )
                 .await?
             {
                 ControlResponse::Verify(v) => {
@@ -421,4 +444,3 @@ async fn inbox(ctx: &Ctx, wait: Option<u32>, follow: bool) -> Result<u8, Failure
         }
     }
 }
-

@@ -15,10 +15,12 @@ use meshchat_node::{
     Node, NodeConfig, NodeHandle,
 };
 
-use crate::exit::{Failure, NO_IDENTITY};
+use crate::exit::{Failure, NO_IDENTITY, UNAVAILABLE};
 
 /// How long a node started for one command waits for its first connection.
 const WARM_UP: Duration = Duration::from_secs(5);
+/// Extra time a client gives the node beyond the node's own request timeout.
+const CLIENT_SLACK: Duration = Duration::from_secs(10);
 
 /// A way to answer control requests for one home.
 pub(crate) enum Conn {
@@ -48,7 +50,10 @@ pub(crate) fn require_initialised(home: &Path) -> Result<(), Failure> {
         Err(Failure::new(
             NO_IDENTITY,
             "no_identity",
-            format!("no identity in {}; run `meshchat init` first", home.display()),
+            format!(
+                "no identity in {}; run `meshchat init` first",
+                home.display()
+            ),
         ))
     }
 }
@@ -109,8 +114,22 @@ impl Conn {
         let mut rx = match self {
             Conn::Remote(client) => {
                 client.send(&request).await?;
+                // The node answers within its own per-request timeout; allow for slack, then
+                // call it unreachable rather than hang.
+                let patience = control::request_timeout(&request).map(|t| t + CLIENT_SLACK);
                 loop {
-                    let r = client.next_response().await?;
+                    let r = match patience {
+                        Some(t) => tokio::time::timeout(t, client.next_response())
+                            .await
+                            .map_err(|_| {
+                                Failure::new(
+                                    UNAVAILABLE,
+                                    "unreachable",
+                                    "the node running on this home did not answer in time",
+                                )
+                            })??,
+                        None => client.next_response().await?,
+                    };
                     if r.is_final(&request) {
                         return finish(r);
                     }
@@ -126,7 +145,11 @@ impl Conn {
             }
             on_item(r)?;
         }
-        Err(Failure::new(1, "internal", "the request ended without an answer"))
+        Err(Failure::new(
+            1,
+            "internal",
+            "the request ended without an answer",
+        ))
     }
 
     /// Stop a node this command started (its outbox stays on disk for the next node).

@@ -56,7 +56,11 @@ pub(crate) fn contact_json(c: &ContactView) -> Value {
 }
 
 pub(crate) fn contact_line(c: &ContactView) -> String {
-    let mark = if c.verified { "verified" } else { "not verified" };
+    let mark = if c.verified {
+        "verified"
+    } else {
+        "not verified"
+    };
     format!("{:<20} {}  ({mark})", c.name, c.user_id)
 }
 
@@ -205,7 +209,10 @@ mod tests {
 
     #[test]
     fn phrase_grid_numbers_every_word() {
-        let phrase = (1..=24).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let phrase = (1..=24)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         let grid = phrase_grid(&phrase);
         assert_eq!(grid.lines().count(), 6);
         assert!(grid.contains("24. w24"));

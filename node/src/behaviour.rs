@@ -94,9 +94,7 @@ impl Behaviour {
         Self {
             blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
-            memory: memory_connection_limits::Behaviour::with_max_percentage(
-                l.max_memory_fraction,
-            ),
+            memory: memory_connection_limits::Behaviour::with_max_percentage(l.max_memory_fraction),
             identify,
             ping: ping::Behaviour::default(),
             kad,
@@ -107,7 +105,10 @@ impl Behaviour {
 
 /// Build the swarm: TCP (noise, yamux) and QUIC, DNS resolution, the composed behaviour, and the
 /// raised idle-connection timeout.
-pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>, NodeError> {
+pub(crate) fn build_swarm(
+    keypair: Keypair,
+    config: &NodeConfig,
+) -> Result<Swarm<Behaviour>, NodeError> {
     let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport {
         reason: e.to_string(),
     };
@@ -127,9 +128,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm
         .map_err(|e| transport_err(&e))?
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(idle)
-                .with_notify_handler_buffer_size(
-                    NonZeroUsize::new(32).expect("invariant: 32 > 0"),
-                )
+                .with_notify_handler_buffer_size(NonZeroUsize::new(32).expect("invariant: 32 > 0"))
         })
         .build();
     Ok(swarm)

@@ -48,8 +48,8 @@ pub const SOCKET_NAME: &str = "control.sock";
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;
 /// Control connections served at once; more are refused with an error frame.
 pub const MAX_CONNECTIONS: usize = 16;
-/// Longest text a `Send` request may carry (the node applies the protocol's own, smaller, limit).
-pub const MAX_REQUEST_TEXT_BYTES: usize = 64 * 1024;
+/// Longest text a `Send` request may carry: the protocol's limit on a message.
+pub const MAX_REQUEST_TEXT_BYTES: usize = meshchat_protocol::MAX_TEXT_BYTES;
 /// Longest `to` or `user_id` field (a user ID is 61 characters; a name at most 64 characters).
 pub const MAX_ADDRESSEE_BYTES: usize = 4 * storage::MAX_CONTACT_NAME_CHARS;
 /// The longest `inbox --wait`.
@@ -64,6 +64,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Items per listing sent before the stream ends (a bound on the work of one request).
 pub const MAX_LIST_ITEMS: usize = 100_000;
+/// Messages read from storage at a time by `Inbox`.
+const INBOX_BATCH: usize = 1024;
 /// Lists inside one response (addresses, connected peers) are cut to this many entries.
 pub const MAX_STATUS_LIST: usize = 256;
 
@@ -753,7 +755,7 @@ async fn fetch_incoming(
             peer: None,
             after_index: after,
             direction: Some(Direction::In),
-            limit: Some(1024),
+            limit: Some(INBOX_BATCH),
         })?;
         let mut out = Vec::with_capacity(found.len());
         for (index, m) in found {
@@ -886,39 +888,34 @@ async fn inbox<B: ControlBackend>(
         }
     };
     let mut last = after_index;
-    let mut sent = 0usize;
     let mut fresh = false;
-    let deadline =
-        wait_secs.map(|s| tokio::time::Instant::now() + Duration::from_secs(u64::from(s)));
+    let mut expired = false;
+    let deadline = wait_secs
+        .filter(|_| !follow)
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(u64::from(s)));
     let mut first_round = true;
     loop {
         let batch = match fetch_incoming(storage, last).await {
             Ok(b) => b,
             Err(e) => return e.into(),
         };
+        let complete = batch.len() < INBOX_BATCH;
         let mut shown = Vec::with_capacity(batch.len());
         for (index, m, name) in batch {
             last = Some(index);
-            // After the first listing every message is new; in it, only unread ones count.
+            // In the first listing only unread messages count as new; after it, every one does.
             fresh |= !first_round || m.status != Status::Read;
-            if sent < MAX_LIST_ITEMS || follow {
-                if out
-                    .send(ControlResponse::Message(message_view(index, &m, name)))
-                    .await
-                    .is_err()
-                {
-                    return ControlResponse::End;
-                }
-                sent += 1;
+            let view = message_view(index, &m, name);
+            if out.send(ControlResponse::Message(view)).await.is_err() {
+                return ControlResponse::End; // the client left
             }
             shown.push(m);
         }
-        let more = shown.len() == 1024;
         if !shown.is_empty() {
             backend.messages_shown(shown).await;
         }
-        if more {
-            continue; // the listing was cut at 1024; fetch the rest first
+        if !complete {
+            continue; // a full batch: fetch the rest before waiting
         }
         first_round = false;
         let Some(w) = wakeups.as_mut() else {
@@ -927,46 +924,29 @@ async fn inbox<B: ControlBackend>(
         if !follow && fresh {
             return ControlResponse::End;
         }
-        // Wait for a wake-up, with a periodic re-scan in case one was missed.
-        let rescan = tokio::time::sleep(Duration::from_secs(5));
-        match deadline {
-            Some(d) if !follow => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(d) => {
-                        // One last look: a message may have landed just now.
-                        match fetch_incoming(storage, last).await {
-                            Ok(b) if !b.is_empty() => {
-                                let mut shown = Vec::new();
-                                for (index, m, name) in b {
-                                    let _ = out.send(ControlResponse::Message(message_view(index, &m, name))).await;
-                                    shown.push(m);
-                                }
-                                backend.messages_shown(shown).await;
-                                return ControlResponse::End;
-                            }
-                            Ok(_) => {}
-                            Err(e) => return e.into(),
-                        }
-                        return ControlResponse::error(
-                            ControlErrorKind::Timeout,
-                            format!("no new message arrived within {} seconds", wait_secs.unwrap_or(0)),
-                        );
-                    }
-                    next = w.next() => if next.is_none() {
-                        return ControlResponse::error(ControlErrorKind::Unavailable, "the node stopped");
-                    },
-                    _ = rescan => {}
-                }
+        if expired {
+            return ControlResponse::error(
+                ControlErrorKind::Timeout,
+                format!(
+                    "no new message arrived within {} seconds",
+                    wait_secs.unwrap_or(0)
+                ),
+            );
+        }
+        let until_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
             }
-            _ => {
-                tokio::select! {
-                    next = w.next() => if next.is_none() {
-                        return ControlResponse::error(ControlErrorKind::Unavailable, "the node stopped");
-                    },
-                    _ = rescan => {}
-                    _ = out.closed() => return ControlResponse::End,
-                }
-            }
+        };
+        // Wake-ups say a message may have been stored; the periodic re-scan covers a missed one.
+        tokio::select! {
+            () = until_deadline => expired = true, // one last look at storage, then give up
+            next = w.next() => if next.is_none() {
+                return ControlResponse::error(ControlErrorKind::Unavailable, "the node stopped");
+            },
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = out.closed() => return ControlResponse::End,
         }
     }
 }

@@ -175,7 +175,10 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
 }
 
 /// Read one frame of at most `max` bytes (length checked before allocation).
-pub async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+pub async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -307,8 +310,8 @@ mod tests {
         assert_eq!(input.position(), 4, "nothing read beyond the prefix");
         // A response with such a prefix is an error for the requester.
         let mut input = Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
-        let err = block(TestCodec::default().read_response(&PROTOCOL, &mut input))
-            .expect_err("refused");
+        let err =
+            block(TestCodec::default().read_response(&PROTOCOL, &mut input)).expect_err("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
@@ -316,7 +319,10 @@ mod tests {
     fn garbage_is_refused_and_truncated_frames_are_errors() {
         let mut garbage = Cursor::new(vec![0, 0, 0, 3, 9, 9, 9]);
         let got = block(TestCodec::default().read_request(&PROTOCOL, &mut garbage)).expect("read");
-        assert!(matches!(got, Framed::Refused(FrameError::Malformed(_))), "{got:?}");
+        assert!(
+            matches!(got, Framed::Refused(FrameError::Malformed(_))),
+            "{got:?}"
+        );
         assert_eq!(
             match got {
                 Framed::Refused(e) => e.reason(),

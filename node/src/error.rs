@@ -117,14 +117,11 @@ impl NodeError {
             NodeError::Listen { .. }
             | NodeError::NoBundle { .. }
             | NodeError::Stopped
-            | NodeError::Control { .. } => {
-                ErrorKind::Unavailable
-            }
-            NodeError::BadAddress { .. } | NodeError::MessageTooLong { .. }
+            | NodeError::Control { .. } => ErrorKind::Unavailable,
+            NodeError::BadAddress { .. }
+            | NodeError::MessageTooLong { .. }
             | NodeError::EmptyMessage
-            | NodeError::ToSelf => {
-                ErrorKind::InvalidInput
-            }
+            | NodeError::ToSelf => ErrorKind::InvalidInput,
             NodeError::Transport { .. }
             | NodeError::Crypto { .. }
             | NodeError::Wire { .. }

@@ -15,7 +15,8 @@
 //! The loop never blocks and never awaits anything but its own inputs: storage and crypto run
 //! in the messaging tasks (`crate::messaging`) on `spawn_blocking`. Local work (commands) is
 //! served before new remote work (`select!` is biased towards commands). DHT records pushed by
-//! peers are admitted through [`crate::dht::admit`]; peers that send undecodable requests,
+//! peers are checked on `spawn_blocking` ([`crate::dht::check`]) and stored when the verdict
+//! comes back through its own `select!` arm; peers that send undecodable requests,
 //! forged envelopes or invalid records collect strikes and are blocked for a while once they
 //! have too many.
 
@@ -34,7 +35,11 @@ use libp2p::{
     Multiaddr, PeerId, Swarm,
 };
 use meshchat_protocol::envelope::Envelope;
-use tokio::sync::{mpsc, oneshot, watch};
+use meshchat_protocol::records::ValidRecord;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinSet,
+};
 
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
@@ -51,6 +56,8 @@ pub(crate) const INBOUND_CAPACITY: usize = 64;
 const GET_RECORD_GRACE: Duration = Duration::from_millis(500);
 /// A lookup replies once it holds this many records.
 const GET_RECORD_ENOUGH: usize = 4;
+/// Pushed DHT records being checked at once; more are dropped (the pusher got its answer).
+const MAX_PENDING_CHECKS: usize = 64;
 /// How often deadlines (lookups, bans) are checked.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -160,7 +167,8 @@ impl NetClient {
         &self,
         record: kad::Record,
     ) -> Result<Result<(), String>, LoopStopped> {
-        self.call(|reply| Command::PutRecord { record, reply }).await
+        self.call(|reply| Command::PutRecord { record, reply })
+            .await
     }
 
     pub(crate) async fn local_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, LoopStopped> {
@@ -230,7 +238,17 @@ pub(crate) struct EventLoop {
     connections: HashMap<PeerId, HashMap<ConnectionId, ConnectionInfo>>,
     strikes: HashMap<PeerId, u32>,
     bans: VecDeque<(Instant, PeerId)>,
+    checks: JoinSet<PendingCheck>,
 }
+
+/// A pushed record whose check runs on `spawn_blocking`: who pushed it, the record, the value
+/// held under its key when it arrived, and the verdict.
+type PendingCheck = (
+    PeerId,
+    kad::Record,
+    Option<Vec<u8>>,
+    Result<Option<ValidRecord>, dht::RecordRejected>,
+);
 
 impl std::fmt::Debug for EventLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -268,6 +286,7 @@ pub(crate) fn new(
         connections: HashMap::new(),
         strikes: HashMap::new(),
         bans: VecDeque::new(),
+        checks: JoinSet::new(),
     };
     (event_loop, NetClient { tx }, inbound_rx, addrs_rx)
 }
@@ -295,6 +314,10 @@ impl EventLoop {
                     }
                     Some(command) => self.on_command(command),
                     None => return,
+                },
+                Some(done) = self.checks.join_next(), if !self.checks.is_empty() => match done {
+                    Ok((source, record, held, result)) => self.on_checked(source, record, held, result),
+                    Err(e) => tracing::warn!(error = %e, "a DHT record check failed"),
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = tick.tick() => self.on_tick(),
@@ -503,12 +526,11 @@ impl EventLoop {
                 peer_id,
                 info,
                 ..
-            })) => {
-                if info.protocols.contains(&KAD_PROTOCOL) {
-                    for addr in info.listen_addrs {
-                        if !is_unspecified(&addr) {
-                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                        }
+            })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                // A DHT peer: let Kademlia know where it listens.
+                for addr in info.listen_addrs {
+                    if !is_unspecified(&addr) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
             }
@@ -580,26 +602,32 @@ impl EventLoop {
                         ..
                     },
             } => {
-                let key_len = record.key.as_ref().len();
-                let store = self.swarm.behaviour_mut().kad.store_mut();
-                match dht::admit(
-                    store,
-                    record,
-                    self.limits.max_dht_value_bytes,
-                    dht::unix_now(),
-                ) {
-                    Ok(valid) => tracing::debug!(
-                        peer = %source,
-                        version = valid.version_or_seq,
-                        "stored a DHT record"
-                    ),
-                    Err(e) => {
-                        tracing::debug!(peer = %source, key_len, error = %e, "refused a DHT record");
-                        if e.is_hostile() {
-                            self.strike(source, "invalid DHT record");
-                        }
-                    }
+                if self.checks.len() >= MAX_PENDING_CHECKS {
+                    tracing::debug!(peer = %source, "dropping a pushed DHT record: too many checks pending");
+                    return;
                 }
+                let max = self.limits.max_dht_value_bytes;
+                if record.value.len() > max {
+                    let e = dht::RecordRejected::TooLarge {
+                        len: record.value.len(),
+                    };
+                    self.on_checked(source, record, None, Err(e));
+                    return;
+                }
+                let held = {
+                    use libp2p::kad::store::RecordStore;
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .store_mut()
+                        .get(&record.key)
+                        .map(|r| r.value.clone())
+                };
+                // Signature checks leave the loop; the result comes back through `checks`.
+                self.checks.spawn_blocking(move || {
+                    let result = dht::check(&record, held.as_deref(), max, dht::unix_now());
+                    (source, record, held, result)
+                });
             }
             kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
@@ -632,6 +660,40 @@ impl EventLoop {
         }
     }
 
+    /// Phase two of admitting a pushed record (see [`crate::dht`]).
+    fn on_checked(
+        &mut self,
+        source: PeerId,
+        record: kad::Record,
+        held: Option<Vec<u8>>,
+        result: Result<Option<ValidRecord>, dht::RecordRejected>,
+    ) {
+        let key_len = record.key.as_ref().len();
+        let stored = match result {
+            Ok(None) => Ok(None),
+            Ok(Some(valid)) => {
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                dht::store_checked(store, record, &valid, held.as_deref(), dht::unix_now())
+                    .map(|()| Some(valid))
+            }
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(Some(valid)) => tracing::debug!(
+                peer = %source,
+                version = valid.version_or_seq,
+                "stored a DHT record"
+            ),
+            Ok(None) => tracing::trace!(peer = %source, "DHT record refreshed"),
+            Err(e) => {
+                tracing::debug!(peer = %source, key_len, error = %e, "refused a DHT record");
+                if e.is_hostile() {
+                    self.strike(source, "invalid DHT record");
+                }
+            }
+        }
+    }
+
     fn on_direct(&mut self, event: request_response::Event<Framed<Envelope>, DirectResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
@@ -643,12 +705,12 @@ impl EventLoop {
                         Framed::Refused(e) => {
                             tracing::debug!(%peer, error = %e, "refused a direct request");
                             let reason = e.reason();
-                            self.strike(peer, "undecodable direct request");
                             let _ = self
                                 .swarm
                                 .behaviour_mut()
                                 .direct
                                 .send_response(channel, DirectResponse::Rejected { reason });
+                            self.strike(peer, "undecodable direct request");
                             return;
                         }
                     };

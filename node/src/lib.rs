@@ -16,6 +16,4 @@ pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{Limits, NodeConfig};
 pub use error::{ErrorKind, NodeError};
 pub use messaging::PublishReport;
-pub use node::{
-    ConnectedPeer, Node, NodeEvent, NodeHandle, NodeStatus, SendOutcome, SendReport,
-};
+pub use node::{ConnectedPeer, Node, NodeEvent, NodeHandle, NodeStatus, SendOutcome, SendReport};

@@ -59,6 +59,8 @@ const DELIVERY_PAUSE: Duration = Duration::from_millis(300);
 const MAX_DELIVERY_PAUSE: Duration = Duration::from_secs(3);
 /// Own records are re-published this often (and at every epoch change).
 pub(crate) const REPUBLISH_INTERVAL: Duration = Duration::from_secs(15 * 60);
+/// Longest wait before retrying a publication that failed (e.g. no DHT peers yet).
+const MAX_PUBLISH_RETRY: Duration = Duration::from_secs(30);
 /// After a change of our addresses, wait this long for more before re-publishing.
 const ADDRESS_DEBOUNCE: Duration = Duration::from_millis(500);
 /// How often the contact list is compared with the one presence was published for.
@@ -204,8 +206,12 @@ fn load_session(storage: &Storage, peer: &PublicIdentity) -> Result<SessionRecor
 
 fn reject_reason_of(e: &SessionError) -> RejectReason {
     match e {
-        SessionError::Envelope(EnvelopeError::Expired { .. }) => RejectReason::Expired,
-        SessionError::Envelope(EnvelopeError::FromTheFuture { .. }) => RejectReason::FromTheFuture,
+        SessionError::Envelope(env) if matches!(**env, EnvelopeError::Expired { .. }) => {
+            RejectReason::Expired
+        }
+        SessionError::Envelope(env) if matches!(**env, EnvelopeError::FromTheFuture { .. }) => {
+            RejectReason::FromTheFuture
+        }
         SessionError::Replay { .. } | SessionError::Duplicate { .. } => RejectReason::Replayed,
         _ => RejectReason::Undecryptable,
     }
@@ -284,7 +290,11 @@ impl Messenger {
     // Sending
     // ------------------------------------------------------------------------------------
 
-    pub(crate) async fn send_text(&self, to: PublicIdentity, text: String) -> Result<SendReport, NodeError> {
+    pub(crate) async fn send_text(
+        &self,
+        to: PublicIdentity,
+        text: String,
+    ) -> Result<SendReport, NodeError> {
         if text.is_empty() {
             return Err(NodeError::EmptyMessage);
         }
@@ -312,7 +322,8 @@ impl Messenger {
             let _guard = self.session_lock.lock().await;
             let storage = self.storage.clone();
             let identity = self.identity.clone();
-            blocking(move || seal_and_commit(&storage, &identity, &to, text, bundle.as_ref())).await?
+            blocking(move || seal_and_commit(&storage, &identity, &to, text, bundle.as_ref()))
+                .await?
         };
         let id = message.id;
         if !lock(&self.in_flight).insert(id) {
@@ -363,8 +374,9 @@ impl Messenger {
             }
             Err(DeliveryFailure::Unreachable(reason)) => {
                 let attempts = attempts.saturating_add(1);
-                let next = unix_now_ms()
-                    .saturating_add(u64::try_from(backoff(attempts).as_millis()).unwrap_or(u64::MAX));
+                let next = unix_now_ms().saturating_add(
+                    u64::try_from(backoff(attempts).as_millis()).unwrap_or(u64::MAX),
+                );
                 blocking(move || Ok(storage.reschedule(&id, attempts, next)?)).await?;
                 Ok(SendOutcome::Queued { reason })
             }
@@ -373,7 +385,11 @@ impl Messenger {
 
     /// Find a valid prekey bundle of `to` in the DHT (highest version wins), retrying until
     /// `deadline`.
-    async fn fetch_bundle(&self, to: &PublicIdentity, deadline: Instant) -> Result<VerifiedBundle, NodeError> {
+    async fn fetch_bundle(
+        &self,
+        to: &PublicIdentity,
+        deadline: Instant,
+    ) -> Result<VerifiedBundle, NodeError> {
         let key = records::bundle_record_key(to);
         loop {
             let found = self.net.get_record(key.clone()).await.map_err(stopped)?;
@@ -471,7 +487,9 @@ impl Messenger {
             match tokio::time::timeout(remaining, self.lookup_presence(to)).await {
                 Err(_) => break,
                 Ok(Err(LoopStopped)) => {
-                    return Err(DeliveryFailure::Unreachable("the node is shutting down".into()))
+                    return Err(DeliveryFailure::Unreachable(
+                        "the node is shutting down".into(),
+                    ))
                 }
                 Ok(Ok(peers)) if peers.is_empty() => {}
                 Ok(Ok(peers)) => {
@@ -491,7 +509,9 @@ impl Messenger {
                                 }
                                 last = format!("the recipient's node is {reason}");
                             }
-                            Ok(Ok(Err(e))) => last = format!("cannot reach the recipient's node: {e}"),
+                            Ok(Ok(Err(e))) => {
+                                last = format!("cannot reach the recipient's node: {e}")
+                            }
                             Ok(Err(LoopStopped)) => {
                                 return Err(DeliveryFailure::Unreachable(
                                     "the node is shutting down".into(),
@@ -517,7 +537,11 @@ impl Messenger {
     // Receipts
     // ------------------------------------------------------------------------------------
 
-    pub(crate) async fn mark_read(&self, peer: PublicIdentity, ids: Vec<[u8; 16]>) -> Result<(), NodeError> {
+    pub(crate) async fn mark_read(
+        &self,
+        peer: PublicIdentity,
+        ids: Vec<[u8; 16]>,
+    ) -> Result<(), NodeError> {
         let changed = {
             let storage = self.storage.clone();
             blocking(move || {
@@ -783,13 +807,13 @@ impl Messenger {
                 Ok(report) => {
                     failures = failures.saturating_add(1);
                     tracing::debug!(?report, "publication incomplete; retrying");
-                    next = now + backoff(failures).min(REPUBLISH_INTERVAL);
+                    next = now + backoff(failures).min(MAX_PUBLISH_RETRY);
                 }
                 Err(NodeError::Stopped) => return,
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %e, "publishing records failed");
-                    next = now + backoff(failures).min(REPUBLISH_INTERVAL);
+                    next = now + backoff(failures).min(MAX_PUBLISH_RETRY);
                 }
             }
         }
@@ -845,7 +869,13 @@ impl Messenger {
         Ok(report)
     }
 
-    async fn put(&self, key: Vec<u8>, value: Vec<u8>, expires_at: u64, now: u64) -> Result<bool, NodeError> {
+    async fn put(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<bool, NodeError> {
         let record = own_record(key, value, expires_at, now);
         match self.net.put_record(record).await.map_err(stopped)? {
             Ok(()) => Ok(true),
@@ -951,7 +981,13 @@ fn seal_and_commit(
         body: text,
         status: Status::Queued,
     };
-    storage.commit_outgoing(to, &session_bytes, &message, &envelope_bytes, seq.saturating_add(1))?;
+    storage.commit_outgoing(
+        to,
+        &session_bytes,
+        &message,
+        &envelope_bytes,
+        seq.saturating_add(1),
+    )?;
     Ok((message, envelope))
 }
 
@@ -977,7 +1013,8 @@ fn open_and_commit(
     let prekey_bytes = storage.prekeys()?.ok_or_else(|| NodeError::Crypto {
         reason: "no prekey secrets saved".into(),
     })?;
-    let mut prekeys = PrekeySecrets::from_wire(&prekey_bytes).map_err(wire_err("prekey secrets"))?;
+    let mut prekeys =
+        PrekeySecrets::from_wire(&prekey_bytes).map_err(wire_err("prekey secrets"))?;
     let replay_bytes = storage.replay_cache()?;
     let mut replay = match &replay_bytes {
         Some(b) => ReplayCache::from_wire(b).map_err(wire_err("replay cache"))?,
@@ -1013,7 +1050,10 @@ fn open_and_commit(
     let new_replay = replay.to_wire().map_err(wire_err("replay cache"))?;
     let prekeys_changed = new_prekeys != prekey_bytes;
     let replay_changed = replay_bytes.as_deref() != Some(new_replay.as_slice());
-    let session_bytes = received.record.to_wire().map_err(wire_err("session record"))?;
+    let session_bytes = received
+        .record
+        .to_wire()
+        .map_err(wire_err("session record"))?;
 
     let (message, receipt, malformed) = match Content::decode(&received.plaintext) {
         Ok(Content::Text {
@@ -1116,7 +1156,11 @@ fn prepare_bundle(
 
 /// The identities of all contacts, sorted.
 fn contact_set(storage: &Storage) -> Result<Vec<PublicIdentity>, NodeError> {
-    let mut set: Vec<PublicIdentity> = storage.contacts()?.into_iter().map(|c| c.identity).collect();
+    let mut set: Vec<PublicIdentity> = storage
+        .contacts()?
+        .into_iter()
+        .map(|c| c.identity)
+        .collect();
     set.sort();
     Ok(set)
 }

@@ -19,8 +19,8 @@ use tokio::{
 
 use crate::{
     behaviour,
-    control::{self, BackendError, ControlBackend, ControlErrorKind},
     config::NodeConfig,
+    control::{self, BackendError, ControlBackend, ControlErrorKind},
     error::NodeError,
     event_loop::{self, peer_of, strip_p2p, NetClient},
     messaging::{Messenger, PublishReport},
@@ -183,7 +183,10 @@ impl Node {
                 if peer == local_peer_id {
                     continue;
                 }
-                swarm.behaviour_mut().kad.add_address(&peer, strip_p2p(addr));
+                swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, strip_p2p(addr));
                 if let Err(e) = swarm.dial(addr.clone()) {
                     tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
                 }
@@ -288,7 +291,12 @@ impl NodeHandle {
 
     /// Peer ID, addresses, connections, routing table.
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
-        let s = self.inner.net.status().await.map_err(|_| NodeError::Stopped)?;
+        let s = self
+            .inner
+            .net
+            .status()
+            .await
+            .map_err(|_| NodeError::Stopped)?;
         Ok(NodeStatus {
             peer_id: s.peer_id.to_string(),
             user_id: self.inner.user_id.to_string(),
@@ -315,7 +323,11 @@ impl NodeHandle {
     /// Encrypt `text` for `to`, commit it to the outbox, and deliver it directly. Returns
     /// `Delivered` once the recipient acknowledged it, or `Queued` once it is durably in the
     /// outbox and the recipient could not be reached within the configured send timeout.
-    pub async fn send_text(&self, to: PublicIdentity, text: String) -> Result<SendReport, NodeError> {
+    pub async fn send_text(
+        &self,
+        to: PublicIdentity,
+        text: String,
+    ) -> Result<SendReport, NodeError> {
         self.inner.messenger.send_text(to, text).await
     }
 
@@ -345,7 +357,11 @@ impl NodeHandle {
 
     /// Mark incoming messages from `peer` as read and tell the sender (a read receipt, sent
     /// directly; best effort).
-    pub async fn mark_read(&self, peer: PublicIdentity, ids: Vec<[u8; 16]>) -> Result<(), NodeError> {
+    pub async fn mark_read(
+        &self,
+        peer: PublicIdentity,
+        ids: Vec<[u8; 16]>,
+    ) -> Result<(), NodeError> {
         self.inner.messenger.mark_read(peer, ids).await
     }
 
@@ -475,9 +491,8 @@ impl ControlBackend for NodeHandle {
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             loop {
                 match rx.recv().await {
-                    Ok(NodeEvent::MessageReceived(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        return Some(((), rx))
-                    }
+                    Ok(NodeEvent::MessageReceived(_))
+                    | Err(broadcast::error::RecvError::Lagged(_)) => return Some(((), rx)),
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }

@@ -42,7 +42,7 @@
 use std::{
     fmt, fs,
     io::ErrorKind as IoErrorKind,
-    os::unix::fs::DirBuilderExt,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
@@ -90,6 +90,9 @@ pub const MAX_CONTACT_NAME_CHARS: usize = 64;
 pub const MAX_STORED_BODY_BYTES: usize = 64 * 1024;
 /// Largest envelope kept in the outbox, in bytes.
 pub const MAX_STORED_ENVELOPE_BYTES: usize = 128 * 1024;
+// Storage must hold whatever the protocol produces.
+const _: () = assert!(MAX_STORED_BODY_BYTES >= meshchat_protocol::MAX_TEXT_BYTES);
+const _: () = assert!(MAX_STORED_ENVELOPE_BYTES >= meshchat_protocol::envelope::MAX_ENVELOPE_BYTES);
 /// Largest protocol-owned blob (session record, prekey secrets, replay cache) stored, in bytes.
 pub const MAX_STORED_BLOB_BYTES: usize = 1024 * 1024;
 /// Largest own DHT record (key or value) stored, in bytes.
@@ -656,6 +659,11 @@ impl Storage {
                 }
             }
         })?;
+        // The database holds the identity seed: only the owner may read it, whatever the
+        // permissions of the home directory.
+        if let Err(e) = fs::set_permissions(&db_path, fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(path = %db_path.display(), error = %e, "cannot restrict the database directory");
+        }
         // Best effort: lets a second process name us in its HomeInUse error.
         if let Err(e) = fs::write(home.join(PID_FILE), std::process::id().to_string()) {
             tracing::debug!(error = %e, "could not write the pid file");
@@ -1612,9 +1620,14 @@ impl Storage {
     }
 }
 
+/// RocksDB reports a held `LOCK` file as an I/O error: "While lock file: …/LOCK: Resource
+/// temporarily unavailable" (another process) or "lock hold by current process … /LOCK: No locks
+/// available" (this process). Match those, not any message containing "lock" ("block …").
 fn is_lock_error(e: &rocksdb::Error) -> bool {
-    let s = e.to_string().to_lowercase();
-    s.contains("lock")
+    let s = e.to_string();
+    s.contains("/LOCK")
+        || s.contains("While lock file")
+        || s.contains("lock hold by current process")
 }
 
 fn read_pid(home: &Path) -> Option<u32> {

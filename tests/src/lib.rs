@@ -14,7 +14,9 @@ pub fn meshchat_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let workspace = manifest.parent().expect("invariant: tests/ is inside the workspace");
+        let workspace = manifest
+            .parent()
+            .expect("invariant: tests/ is inside the workspace");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "-q", "-p", "meshchat", "--bin", "meshchat"])
@@ -159,8 +161,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Spawn `cmd` (which must print `{"event":"listening","address":…}` lines and then
-    /// `{"event":"ready",…}`) and wait for it to be ready.
+    /// Spawn `cmd` (a `meshchat --json run|serve`, which prints
+    /// `{"event":"listening","listen_addrs":[…],…}` once it is up) and wait for that line.
     pub fn spawn(mut cmd: Command) -> Daemon {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn meshchat run");
@@ -189,14 +191,17 @@ impl Daemon {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            match v.get("event").and_then(|e| e.as_str()) {
-                Some("listening") => {
-                    if let Some(a) = v.get("address").and_then(|a| a.as_str()) {
-                        daemon.addrs.push(a.to_owned());
-                    }
-                }
-                Some("ready") => break,
-                _ => {}
+            if v.get("event").and_then(|e| e.as_str()) == Some("listening") {
+                daemon.addrs = v
+                    .get("listen_addrs")
+                    .and_then(|a| a.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                break;
             }
         }
         daemon

@@ -44,7 +44,7 @@ fn texts(msgs: &[serde_json::Value]) -> Vec<String> {
 fn two_users_exchange_messages_through_a_bootstrap_node() {
     let hub_home = Home::new();
     hub_home.init();
-    let hub = hub_home.spawn_run(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let hub = hub_home.spawn_run(["--listen", "/ip4/127.0.0.1/tcp/0", "--dht-server"]);
     let boot = hub.tcp_addr();
     assert!(boot.contains("/p2p/12D3"), "a full multiaddr: {boot}");
 
@@ -56,7 +56,9 @@ fn two_users_exchange_messages_through_a_bootstrap_node() {
     // Alice → Bob, through Alice's running node; `send` returns once Bob has it durably.
     let sent = alice.home.json(["send", "bob", "hello bob"]);
     assert_eq!(
-        sent.last().and_then(|v| v.get("outcome")).and_then(|o| o.as_str()),
+        sent.last()
+            .and_then(|v| v.get("outcome"))
+            .and_then(|o| o.as_str()),
         Some("delivered"),
         "send output: {sent:?}"
     );
@@ -67,9 +69,17 @@ fn two_users_exchange_messages_through_a_bootstrap_node() {
     .expect("bob receives the message");
     assert_eq!(texts(&inbox), ["hello bob"]);
     let msg = &inbox[0];
-    assert_eq!(msg["from"], "alice", "sender shown by contact name: {msg}");
-    assert_eq!(msg["from_user_id"], alice.id.as_str());
-    assert!(msg["sent_at"].is_string() && msg["received_at"].is_string(), "{msg}");
+    assert_eq!(
+        msg["from_name"], "alice",
+        "sender shown by contact name: {msg}"
+    );
+    assert_eq!(msg["from"], alice.id.as_str());
+    let (sent, received) = (msg["sent_at_ms"].as_u64(), msg["received_at_ms"].as_u64());
+    assert!(
+        sent.zip(received)
+            .is_some_and(|(s, r)| s > 1_700_000_000_000 && r >= s),
+        "times in ms since 1970: {msg}"
+    );
 
     // Bob → Alice, then a few more both ways: order kept per conversation.
     bob.home.ok(["send", "alice", "hi alice"]);
@@ -93,8 +103,14 @@ fn two_users_exchange_messages_through_a_bootstrap_node() {
     // The status of Alice's node shows the connection and a routing table.
     let status = alice.home.json(["status"]);
     let s = status.last().expect("status prints an object");
-    assert!(s["listen_addrs"].as_array().is_some_and(|a| !a.is_empty()), "{s}");
-    assert!(s["connected"].as_array().is_some_and(|a| !a.is_empty()), "{s}");
+    assert!(
+        s["listen_addrs"].as_array().is_some_and(|a| !a.is_empty()),
+        "{s}"
+    );
+    assert!(
+        s["connected"].as_array().is_some_and(|a| !a.is_empty()),
+        "{s}"
+    );
     drop(alice.node);
     drop(bob.node);
 }
