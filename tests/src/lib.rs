@@ -8,29 +8,75 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The `meshchat` binary, built once per test process with the same target directory and profile
-/// as the tests (`cargo build -p meshchat` is a no-op when it is up to date).
+/// The `meshchat` binary under test.
+///
+/// `MESHCHAT_BIN` if set; otherwise the binary that `cargo test --workspace` (or
+/// `scripts/test.sh`) built beside this test executable (`target/debug/meshchat`: the `meshchat`
+/// package has integration tests of its own, so cargo builds its binary in the same run). A
+/// binary older than any source file of the workspace fails the test with a sentence that says
+/// what to run, rather than testing stale code; so does a missing one.
 pub fn meshchat_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let workspace = manifest
+        if let Some(bin) = std::env::var_os("MESHCHAT_BIN") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("invariant: the test knows its own path");
+        let deps = exe.parent().expect("invariant: the test lives in a folder");
+        let bin = deps
+            .parent()
+            .expect("invariant: deps/ has a parent")
+            .join("meshchat");
+        let built = std::fs::metadata(&bin)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no meshchat binary at {}: run the tests with `cargo test --workspace` \
+                     (or scripts/test.sh), which builds it, or set MESHCHAT_BIN",
+                    bin.display()
+                )
+            });
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("invariant: tests/ is inside the workspace");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "meshchat", "--bin", "meshchat"])
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build for the meshchat binary");
-        assert!(status.success(), "cargo build -p meshchat failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        let bin = target.join("debug").join("meshchat");
-        assert!(bin.exists(), "no binary at {}", bin.display());
+        if let Some(newer) = newest_source(workspace).filter(|(t, _)| *t > built) {
+            panic!(
+                "the meshchat binary at {} is older than {}: run the tests with \
+                 `cargo test --workspace` (or scripts/test.sh), which rebuilds it",
+                bin.display(),
+                newer.1.display()
+            );
+        }
         bin
     })
+}
+
+/// The most recently modified `.rs` or `Cargo.toml` under the crates the binary is built from.
+fn newest_source(workspace: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    fn walk(dir: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, best);
+            } else if p.extension().is_some_and(|x| x == "rs")
+                || p.file_name().is_some_and(|n| n == "Cargo.toml")
+            {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    if best.as_ref().is_none_or(|(b, _)| t > *b) {
+                        *best = Some((t, p));
+                    }
+                }
+            }
+        }
+    }
+    let mut best = None;
+    for krate in ["protocol/src", "node/src", "cli/src"] {
+        walk(&workspace.join(krate), &mut best);
+    }
+    best
 }
 
 /// One user's home folder, in a temporary directory removed on drop.
@@ -97,6 +143,26 @@ impl Home {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawn meshchat");
         wait_with_timeout(child, limit)
+    }
+
+    /// Run a command with `input` on its stdin (then closed), with the same limit as [`Home::run`].
+    pub fn run_with_stdin<I, S>(&self, args: I, input: &str) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        use std::io::Write;
+        let mut cmd = self.command(args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn meshchat");
+        {
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            // The command may refuse before reading; a closed pipe is not the test's concern.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        wait_with_timeout(child, Duration::from_secs(120))
     }
 
     /// Run a command that must succeed; returns its stdout.
