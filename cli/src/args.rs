@@ -8,7 +8,18 @@ use libp2p::Multiaddr;
 
 /// meshchat: an end-to-end encrypted peer-to-peer messenger with no centre.
 #[derive(Debug, Parser)]
-#[command(name = "meshchat", version, about, propagate_version = true)]
+#[command(
+    name = "meshchat",
+    version,
+    about,
+    long_about = "meshchat: an end-to-end encrypted peer-to-peer messenger with no centre. Every \
+                  participant runs a libp2p node; messages go straight to the recipient's node \
+                  when it is reachable and wait in mailboxes on other nodes when it is not. \
+                  Start with `meshchat init`, then `meshchat run`; every other command uses the \
+                  node running on its --home, or starts one for itself. The configuration file \
+                  is HOME/meshchat.toml (see `meshchat config`).",
+    propagate_version = true
+)]
 pub(crate) struct Cli {
     /// Where this identity lives (default: ~/.meshchat).
     #[arg(long, global = true, env = "MESHCHAT_HOME", value_name = "DIR")]
@@ -16,12 +27,16 @@ pub(crate) struct Cli {
     /// Print one JSON object per line instead of text.
     #[arg(long, global = true)]
     pub(crate) json: bool,
-    /// More log output on stderr (-v, -vv, -vvv); RUST_LOG overrides.
+    /// More log output on stderr (-v, -vv, -vvv); --log-level overrides.
     #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "quiet")]
     pub(crate) verbose: u8,
-    /// No log output at all.
+    /// No log output and no progress lines at all.
     #[arg(short, long, global = true)]
     pub(crate) quiet: bool,
+    /// Log filter for stderr, e.g. `info` or `warn,meshchat_node=debug` (overrides -v). Env
+    /// MESHCHAT_LOG or RUST_LOG; file `log_level`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub(crate) log_level: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -35,9 +50,15 @@ pub(crate) enum Command {
         restore: bool,
     },
     /// Print this home's user ID.
-    Id,
+    Id {
+        /// Also draw it as a QR code in the terminal (scan it to add this user as a contact).
+        #[arg(long)]
+        qr: bool,
+    },
     /// Run the node in the foreground; other commands with the same --home talk to it.
-    Run(RunArgs),
+    Run(NodeArgs),
+    /// Show the configuration a node on this home runs with, and where each value comes from.
+    Config(NodeArgs),
     /// Peer ID, addresses, NAT status, connected peers, routing table.
     Status,
     /// Manage contacts.
@@ -59,23 +80,48 @@ pub(crate) enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// An interactive conversation in the terminal (Enter sends, Esc quits).
+    Chat {
+        /// A contact name or a user ID.
+        to: String,
+    },
+    /// Print a shell completion script (e.g. `meshchat completions bash > ~/.local/share/bash-completion/completions/meshchat`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `meshchat man | man -l -`.
+    Man,
+    /// The local demonstration: a small mesh on this machine (not built yet: says what it will show).
+    Demo,
 }
 
-#[derive(Debug, Args)]
-pub(crate) struct RunArgs {
+/// The node's settings: each also an environment variable and a key of `HOME/meshchat.toml`
+/// (flags > environment > file > defaults; see `crate::config`).
+#[derive(Debug, Args, Default, Clone)]
+pub(crate) struct NodeArgs {
     /// Listen on this address (repeatable; default: all interfaces, random TCP and QUIC ports).
+    /// Env MESHCHAT_LISTEN (comma-separated); file `listen`.
     #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
     pub(crate) listen: Vec<Multiaddr>,
-    /// Connect to this peer first (repeatable; a full multiaddr ending in /p2p/PEER_ID). Remembered.
+    /// Connect to this peer first (repeatable; a full multiaddr ending in /p2p/PEER_ID); remembered
+    /// in meshchat.toml. Env MESHCHAT_BOOTSTRAP (comma-separated); file `bootstrap`.
     #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
     pub(crate) bootstrap: Vec<Multiaddr>,
-    /// Local network only: find peers by mDNS, no bootstrap needed.
+    /// Local network only: find peers by mDNS, no bootstrap needed. Env MESHCHAT_LAN_ONLY; file
+    /// `lan_only`.
     #[arg(long)]
     pub(crate) lan_only: bool,
     /// Answer DHT queries and store records for others from the start, without waiting for a
     /// confirmed public address (a node others bootstrap from on a private network or loopback).
-    #[arg(long, env = "MESHCHAT_DHT_SERVER")]
+    /// Env MESHCHAT_DHT_SERVER; file `dht_server`.
+    #[arg(long)]
     pub(crate) dht_server: bool,
+    /// How long a send tries to reach the recipient before it reports the message as queued
+    /// (1 to 240). Env MESHCHAT_SEND_TIMEOUT; file `send_timeout_secs`.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=240))]
+    pub(crate) send_timeout: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

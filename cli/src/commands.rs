@@ -8,16 +8,19 @@ use std::{
 
 use meshchat_node::{
     control::{ControlRequest, ControlResponse, SendOutcome},
-    Node, NodeConfig,
+    Node,
 };
 use meshchat_protocol::Identity;
 use serde_json::json;
 
 use crate::{
-    args::{Cli, Command, ContactCommand, RunArgs},
+    args::{Cli, Command, ContactCommand, NodeArgs},
+    config::{self, Settings},
     conn::{self, Conn},
     exit::{self, Failure},
+    generate,
     output::{self, Out},
+    progress::Progress,
 };
 
 /// Everything a command needs besides its own arguments.
@@ -26,11 +29,14 @@ pub(crate) struct Ctx {
     pub(crate) home: PathBuf,
     pub(crate) out: Out,
     pub(crate) quiet: bool,
+    /// `meshchat.toml`, the environment and the flags, merged.
+    pub(crate) settings: Settings,
 }
 
 impl Ctx {
-    fn progress(&self) -> bool {
-        !self.quiet
+    /// Whether to tell the person on stderr what a wait is for: not with `-q`, not with `--json`.
+    pub(crate) fn progress(&self) -> bool {
+        !self.quiet && !self.out.json
     }
 }
 
@@ -48,20 +54,62 @@ pub(crate) fn home_dir(cli: &Cli) -> Result<PathBuf, Failure> {
 }
 
 pub(crate) async fn run(cli: Cli) -> Result<u8, Failure> {
+    // Commands that need no home.
+    match &cli.command {
+        Command::Completions { shell } => return generate::completions(*shell),
+        Command::Man => return generate::man(),
+        Command::Demo => return demo_plan(),
+        _ => {}
+    }
+    let home = home_dir(&cli)?;
+    let flags = match &cli.command {
+        Command::Run(a) | Command::Config(a) => a.clone(),
+        _ => NodeArgs::default(),
+    };
+    let settings = Settings::load(&home, &flags, cli.log_level.as_deref())?;
+    // Log lines would tear the chat's screen apart.
+    let quiet = cli.quiet || matches!(cli.command, Command::Chat { .. });
+    crate::init_tracing(quiet, cli.verbose, &settings.log_level);
     let ctx = Ctx {
-        home: home_dir(&cli)?,
+        home,
         out: Out { json: cli.json },
         quiet: cli.quiet,
+        settings,
     };
     match cli.command {
         Command::Init { restore } => init(&ctx, restore).await,
-        Command::Id => id(&ctx).await,
+        Command::Id { qr } => id(&ctx, qr).await,
         Command::Run(args) => run_node(&ctx, args).await,
+        Command::Config(_) => {
+            ctx.out.emit(ctx.settings.to_text(), ctx.settings.to_json());
+            Ok(exit::OK)
+        }
         Command::Status => status(&ctx).await,
         Command::Contact(c) => contact(&ctx, c).await,
         Command::Send { to, text } => send(&ctx, to, text).await,
         Command::Inbox { wait, follow } => inbox(&ctx, wait, follow).await,
+        Command::Chat { to } => crate::chat::chat(&ctx, to).await,
+        Command::Completions { .. } | Command::Man | Command::Demo => Ok(exit::OK),
     }
+}
+
+/// `meshchat demo` until the demonstration is built (issue "The meshchat experience"): say
+/// plainly that it is not there yet, what it will show, and how to try the same by hand.
+fn demo_plan() -> Result<u8, Failure> {
+    println!(
+        "meshchat demo is not built yet. When it is, it will start a small mesh on this machine \
+         (a home server and a few users, real nodes on loopback, each with its own home in a \
+         temporary folder) and show, with timings: a 1:1 conversation, a message to a user who is \
+         offline collected later from the mailbox, and a group conversation.\n\n\
+         What works today, by hand (two terminals; see README.md, \"Using it\"):\n  \
+         meshchat --home /tmp/a init && meshchat --home /tmp/b init\n  \
+         meshchat --home /tmp/a run --listen /ip4/127.0.0.1/tcp/4001 --dht-server\n  \
+         meshchat --home /tmp/b run --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/PEER_ID_PRINTED_BY_A\n  \
+         meshchat --home /tmp/a contact add bob $(meshchat --home /tmp/b id)\n  \
+         meshchat --home /tmp/b contact add alice $(meshchat --home /tmp/a id)\n  \
+         meshchat --home /tmp/a send bob hello && meshchat --home /tmp/b inbox"
+    );
+    Ok(exit::OK)
 }
 
 const PHRASE_WARNING: &str = "Write these 24 words down, in order, and keep them somewhere safe \
@@ -122,6 +170,13 @@ async fn init(ctx: &Ctx, restore: bool) -> Result<u8, Failure> {
     })
     .await
     .map_err(|e| Failure::new(exit::GENERIC, "internal", e.to_string()))??;
+    // A commented configuration file with every key, for the person to discover and edit.
+    if let Err(e) = config::write_template(&ctx.home) {
+        tracing::warn!(
+            "cannot write {}: {e}",
+            ctx.home.join(config::FILE_NAME).display()
+        );
+    }
     let user_id = identity.user_id().to_string();
     if ctx.out.json {
         let phrase = (!restore).then(|| identity.recovery_phrase().to_string());
@@ -153,12 +208,19 @@ async fn init(ctx: &Ctx, restore: bool) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-async fn id(ctx: &Ctx) -> Result<u8, Failure> {
+async fn id(ctx: &Ctx, qr: bool) -> Result<u8, Failure> {
     let mut conn = Conn::for_storage(&ctx.home).await?;
     let r = conn.request(ControlRequest::Id, |_| Ok(())).await;
     conn.close().await;
     match r? {
         ControlResponse::Id(v) => {
+            if qr && !ctx.out.json {
+                let stdout = std::io::stdout();
+                let ansi = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+                let code = crate::qr::render(&v.user_id, ansi)
+                    .map_err(|e| Failure::new(exit::GENERIC, "internal", e.to_string()))?;
+                print!("{code}");
+            }
             ctx.out.emit(
                 &v.user_id,
                 json!({ "user_id": v.user_id, "peer_id": v.peer_id }),
@@ -192,17 +254,33 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn run_node(ctx: &Ctx, args: RunArgs) -> Result<u8, Failure> {
+async fn run_node(ctx: &Ctx, args: NodeArgs) -> Result<u8, Failure> {
     conn::require_initialised(&ctx.home)?;
-    let mut config = NodeConfig::new(ctx.home.clone());
-    if !args.listen.is_empty() {
-        config.listen = args.listen;
+    if conn::running(&ctx.home).await?.is_some() {
+        let pid = std::fs::read_to_string(ctx.home.join("meshchat.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
+        return Err(Failure::new(
+            exit::HOME_IN_USE,
+            "home_in_use",
+            format!(
+                "a meshchat node is already running on {}{pid}; commands with this --home use it, \
+                 or stop it before starting another",
+                ctx.home.display()
+            ),
+        ));
     }
-    config.bootstrap = args.bootstrap;
-    config.lan_only = args.lan_only;
-    config.dht_server = args.dht_server;
+    let mut config = ctx.settings.node_config(&ctx.home);
     config.serve_control = true;
+    let p = Progress::start(ctx.progress(), "Starting the node…");
     let handle = Node::start(config).await?;
+    p.finish(None);
+    // Bootstrap addresses given on the command line are remembered in meshchat.toml.
+    if let Err(e) = config::remember_bootstrap(&ctx.settings.file, &args.bootstrap) {
+        tracing::warn!("cannot remember the bootstrap addresses: {e}");
+    }
     let status = handle.status().await?;
     if ctx.out.json {
         ctx.out.emit(
@@ -239,7 +317,7 @@ async fn run_node(ctx: &Ctx, args: RunArgs) -> Result<u8, Failure> {
 }
 
 async fn status(ctx: &Ctx) -> Result<u8, Failure> {
-    let mut conn = Conn::for_network(&ctx.home, ctx.progress()).await?;
+    let mut conn = Conn::for_network(&ctx.home, &ctx.settings, ctx.progress()).await?;
     let r = conn.request(ControlRequest::Status, |_| Ok(())).await;
     conn.close().await;
     match r? {
@@ -327,33 +405,44 @@ async fn contact_with(ctx: &Ctx, conn: &mut Conn, command: ContactCommand) -> Re
             else {
                 return Err(Failure::new(exit::GENERIC, "internal", "unexpected answer"));
             };
-            if ctx.out.json && (yes || !std::io::stdin().is_terminal()) {
+            let json = ctx.out.json;
+            // With --json, stdout carries only the JSON object; what the person must read while
+            // answering the question goes to stderr.
+            let say = |line: String| {
+                if json {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            };
+            let ask = !yes && !v.contact.verified && (!json || std::io::stdin().is_terminal());
+            if json && !ask {
                 ctx.out.emit("", output::verify_json(&v));
                 return Ok(exit::OK);
             }
-            if !ctx.out.json {
-                println!(
-                    "Safety number with {} ({}):",
-                    v.contact.name, v.contact.user_id
-                );
-                println!();
-                println!("  {}", v.safety_number);
-                println!();
-            }
+            say(format!(
+                "Safety number with {} ({}):\n\n  {}\n",
+                v.contact.name, v.contact.user_id, v.safety_number
+            ));
             if yes {
-                println!("{} is marked as verified.", v.contact.name);
+                say(format!("{} is marked as verified.", v.contact.name));
                 return Ok(exit::OK);
             }
             if v.contact.verified {
-                println!("{} is already marked as verified.", v.contact.name);
+                say(format!("{} is already marked as verified.", v.contact.name));
                 return Ok(exit::OK);
             }
-            println!(
-                "Compare it with {} in person or over a call you trust; it must be identical on both sides.",
+            say(format!(
+                "Compare it with {} in person or over a call you trust; it must be identical on \
+                 both sides.",
                 v.contact.name
-            );
+            ));
             if !confirm("Do the numbers match?") {
-                println!("Not marked as verified.");
+                if json {
+                    ctx.out.emit("", output::verify_json(&v));
+                } else {
+                    say("Not marked as verified.".to_owned());
+                }
                 return Ok(exit::OK);
             }
             match conn
@@ -386,13 +475,16 @@ async fn send(ctx: &Ctx, to: String, text: String) -> Result<u8, Failure> {
         text: text.clone(),
     })
     .map_err(|e| Failure::from_control_kind(e.kind, e.message))?;
-    let mut conn = Conn::for_network(&ctx.home, ctx.progress()).await?;
-    if ctx.progress() && conn.local_node().is_some() {
-        eprintln!("Sending…");
-    }
+    conn::check_recipient(&ctx.home, &to).await?;
+    let mut conn = Conn::for_network(&ctx.home, &ctx.settings, ctx.progress()).await?;
+    let p = Progress::start(
+        ctx.progress(),
+        format!("Sending to {to} (finding their node, or their mailbox)…"),
+    );
     let r = conn
         .request(ControlRequest::Send { to, text }, |_| Ok(()))
         .await;
+    p.finish(None);
     conn.close().await;
     match r? {
         ControlResponse::Sent(s) => {
@@ -409,12 +501,22 @@ async fn send(ctx: &Ctx, to: String, text: String) -> Result<u8, Failure> {
 async fn inbox(ctx: &Ctx, wait: Option<u32>, follow: bool) -> Result<u8, Failure> {
     let waiting = follow || wait.is_some();
     let mut conn = if waiting {
-        Conn::for_network(&ctx.home, ctx.progress()).await?
+        Conn::for_network(&ctx.home, &ctx.settings, ctx.progress()).await?
     } else {
         Conn::for_storage(&ctx.home).await?
     };
     let out = ctx.out;
     let mut shown = 0usize;
+    // A plain line, not a spinner: messages are printed on stdout meanwhile.
+    if ctx.progress() {
+        if follow {
+            eprintln!("Waiting for new messages (Ctrl-C to stop)…");
+        } else if let Some(secs) = wait {
+            eprintln!(
+                "Listing messages; if there is nothing unread, waiting up to {secs} s for one…"
+            );
+        }
+    }
     let request = ControlRequest::Inbox {
         after_index: None,
         wait_secs: wait,

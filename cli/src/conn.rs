@@ -11,11 +11,17 @@ use std::{
 
 use meshchat_node::{
     control::{self, Client, ControlError, ControlRequest, ControlResponse, StorageBackend},
-    storage::Storage,
-    Node, NodeConfig, NodeHandle,
+    storage::{Storage, StorageErrorKind},
+    Node, NodeHandle,
 };
 
-use crate::exit::{Failure, NO_IDENTITY, UNAVAILABLE};
+use meshchat_protocol::UserId;
+
+use crate::{
+    config::Settings,
+    exit::{Failure, GENERIC, NOT_FOUND, NO_IDENTITY},
+    progress::Progress,
+};
 
 /// How long a node started for one command waits for its first connection.
 const WARM_UP: Duration = Duration::from_secs(5);
@@ -67,7 +73,7 @@ pub(crate) async fn open_storage(home: &Path) -> Result<Storage, Failure> {
         .map_err(Failure::from)
 }
 
-async fn running(home: &Path) -> Result<Option<Client>, Failure> {
+pub(crate) async fn running(home: &Path) -> Result<Option<Client>, Failure> {
     match Client::connect(home).await {
         Ok(c) => Ok(Some(c)),
         Err(ControlError::NotRunning { .. }) => Ok(None),
@@ -88,19 +94,24 @@ impl Conn {
     }
 
     /// For commands that need the network: the running node, or one started now.
-    pub(crate) async fn for_network(home: &Path, progress: bool) -> Result<Conn, Failure> {
+    pub(crate) async fn for_network(
+        home: &Path,
+        settings: &Settings,
+        progress: bool,
+    ) -> Result<Conn, Failure> {
         require_initialised(home)?;
         if let Some(c) = running(home).await? {
             return Ok(Conn::Remote(c));
         }
-        if progress {
-            eprintln!("No node runs on this home; starting one for this command…");
-        }
-        let mut config = NodeConfig::new(home.to_path_buf());
+        let p = Progress::start(
+            progress,
+            "No node runs on this home; starting one for this command…",
+        );
+        let mut config = settings.node_config(home);
         // Other commands on this home reach this node meanwhile.
         config.serve_control = true;
         let handle = Node::start(config).await.map_err(Failure::from)?;
-        warm_up(&handle, progress).await;
+        warm_up(&handle, p).await;
         Ok(Conn::Node(handle))
     }
 
@@ -123,9 +134,10 @@ impl Conn {
                             .await
                             .map_err(|_| {
                                 Failure::new(
-                                    UNAVAILABLE,
+                                    GENERIC,
                                     "unreachable",
-                                    "the node running on this home did not answer in time",
+                                    "the node running on this home did not answer in time \
+                                     (the outcome of the request is unknown)",
                                 )
                             })??,
                         None => client.next_response().await?,
@@ -152,18 +164,21 @@ impl Conn {
         ))
     }
 
+    /// Another connection to the same node, for a request that runs beside this one's (a
+    /// stream, a periodic status). Dropped, not closed: closing the original stops a node this
+    /// command started.
+    pub(crate) async fn fork(&self, home: &Path) -> Result<Conn, Failure> {
+        Ok(match self {
+            Conn::Remote(_) => Conn::Remote(Client::connect(home).await?),
+            Conn::Node(h) => Conn::Node(h.clone()),
+            Conn::Storage(b) => Conn::Storage(b.clone()),
+        })
+    }
+
     /// Stop a node this command started (its outbox stays on disk for the next node).
     pub(crate) async fn close(self) {
         if let Conn::Node(handle) = self {
             handle.shutdown().await;
-        }
-    }
-
-    /// The node started by this command, if any.
-    pub(crate) fn local_node(&self) -> Option<&NodeHandle> {
-        match self {
-            Conn::Node(h) => Some(h),
-            _ => None,
         }
     }
 }
@@ -176,22 +191,55 @@ fn finish(r: ControlResponse) -> Result<ControlResponse, Failure> {
 }
 
 /// Give a freshly started node a moment to reach its first peers (bootstrap or mDNS).
-async fn warm_up(handle: &NodeHandle, progress: bool) {
+async fn warm_up(handle: &NodeHandle, progress: Progress) {
     let deadline = tokio::time::Instant::now() + WARM_UP;
-    let mut said = false;
+    progress.step("Connecting to the network…");
     while tokio::time::Instant::now() < deadline {
         match handle.status().await {
-            Ok(s) if !s.connected.is_empty() => return,
+            Ok(s) if !s.connected.is_empty() => {
+                let n = s.connected.len();
+                let peers = if n == 1 { "peer" } else { "peers" };
+                progress.finish(Some(&format!("Connected to {n} {peers}.")));
+                return;
+            }
             Ok(_) => {}
             Err(_) => return,
         }
-        if progress && !said {
-            eprintln!("Connecting to the network…");
-            said = true;
-        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if progress {
-        eprintln!("No peer reached yet; continuing anyway.");
+    progress.finish(Some("No peer reached yet; continuing anyway."));
+}
+
+/// Check the addressee of a `send` before a node is started for it: a contact name or a valid
+/// user ID. With a running node this is left to the node (it holds the storage lock).
+pub(crate) async fn check_recipient(home: &Path, to: &str) -> Result<(), Failure> {
+    require_initialised(home)?;
+    if running(home).await?.is_some() {
+        return Ok(());
+    }
+    let storage = open_storage(home).await?;
+    let lookup = to.to_owned();
+    let known = tokio::task::spawn_blocking(move || match storage.contact_by_name(&lookup) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == StorageErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    })
+    .await
+    .map_err(|e| Failure::new(1, "internal", format!("storage task failed: {e}")))?
+    .map_err(Failure::from)?;
+    if known {
+        return Ok(());
+    }
+    let looks_like_id = to.len() > 40 && to.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("mc1"));
+    match to.parse::<UserId>() {
+        Ok(_) => Ok(()),
+        Err(e) if looks_like_id => Err(Failure::usage(e.to_string())),
+        Err(_) => Err(Failure::new(
+            NOT_FOUND,
+            "not_found",
+            format!(
+                "no contact named `{to}` (see `meshchat contact list`), and it is not a user ID"
+            ),
+        )),
     }
 }

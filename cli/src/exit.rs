@@ -11,7 +11,8 @@ use meshchat_node::{
 
 /// Success.
 pub(crate) const OK: u8 = 0;
-/// Anything not listed below (internal errors, an identity that already exists…).
+/// Anything not listed below (internal errors, an identity that already exists, the running node
+/// stopped answering in the middle of a request so that its outcome is unknown…).
 pub(crate) const GENERIC: u8 = 1;
 /// Bad usage or input: unknown flag, mistyped user ID, bad multiaddr, bad name, message too long.
 pub(crate) const USAGE: u8 = 2;
@@ -25,6 +26,8 @@ pub(crate) const UNAVAILABLE: u8 = 5;
 pub(crate) const HOME_IN_USE: u8 = 6;
 /// Nothing arrived in time (`inbox --wait`).
 pub(crate) const TIMEOUT: u8 = 7;
+/// The home's `meshchat.toml` cannot be used (the message names the line and the problem).
+pub(crate) const BAD_CONFIG: u8 = 8;
 
 /// A failure to report to the user: one sentence, a stable kind (for `--json`) and an exit code.
 #[derive(Debug)]
@@ -104,9 +107,11 @@ impl From<ControlError> for Failure {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::NotRunning { .. } => Self::new(UNAVAILABLE, "not_running", e.to_string()),
+            // Not UNAVAILABLE: that says "not done, retry"; here the outcome is unknown (a send
+            // may or may not be in the outbox).
             ControlError::Closed | ControlError::Io { .. } | ControlError::Timeout { .. } => {
                 Self::new(
-                    UNAVAILABLE,
+                    GENERIC,
                     "unreachable",
                     format!("the node running on this home is not answering ({e})"),
                 )

@@ -13,12 +13,23 @@ pub(crate) struct Out {
 }
 
 impl Out {
-    /// Print `human` as text, or `json` as one line.
+    /// Print `human` as text, or `json` as one line. When the reader of stdout went away
+    /// (`meshchat inbox --follow | head -1`), the process ends quietly with exit code 0, as a
+    /// filter does; what the node holds is already on disk.
     pub(crate) fn emit(&self, human: impl std::fmt::Display, json: Value) {
-        if self.json {
-            println!("{json}");
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let written = if self.json {
+            writeln!(out, "{json}")
         } else {
-            println!("{human}");
+            writeln!(out, "{human}")
+        }
+        .and_then(|()| out.flush());
+        if let Err(e) = written {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(i32::from(crate::exit::OK));
+            }
+            tracing::warn!("cannot write to stdout: {e}");
         }
     }
 }

@@ -280,7 +280,7 @@ fn two_running_nodes_exchange_a_message_through_their_control_sockets() {
     let second = meshchat(&a, &["run"]);
     assert_eq!(second.status.code(), Some(6));
     assert!(
-        stderr(&second).contains("in use by another meshchat process"),
+        stderr(&second).contains("is already running on"),
         "{}",
         stderr(&second)
     );
@@ -314,4 +314,42 @@ fn two_running_nodes_exchange_a_message_through_their_control_sockets() {
     assert_eq!(node_b.interrupt(), Some(0));
     assert_eq!(node_a.interrupt(), Some(0));
     assert!(!a.join("control.sock").exists());
+}
+
+#[test]
+fn verify_asks_and_marks_only_on_yes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    assert!(meshchat(&home, &["init"]).status.success());
+    let bob = other_user_id(dir.path());
+    assert!(meshchat(&home, &["contact", "add", "bob", &bob])
+        .status
+        .success());
+    let verified = |home: &Path| {
+        json_lines(&meshchat(home, &["--json", "contact", "list"]))[0]["verified"].clone()
+    };
+
+    let no = meshchat_stdin(&home, &["contact", "verify", "bob"], "n\n");
+    assert!(no.status.success(), "{}", stderr(&no));
+    assert!(
+        stdout(&no).contains("Not marked as verified."),
+        "{}",
+        stdout(&no)
+    );
+    assert_eq!(verified(&home), false);
+
+    // --json without a terminal and without --yes: the number, not marked.
+    let o = meshchat(&home, &["--json", "contact", "verify", "bob"]);
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 1, "only JSON on stdout: {}", stdout(&o));
+    assert_eq!(lines[0]["verified"], false);
+    assert_eq!(verified(&home), false);
+
+    let yes = meshchat_stdin(&home, &["contact", "verify", "bob"], "y\n");
+    assert!(
+        stdout(&yes).contains("bob is marked as verified."),
+        "{}",
+        stdout(&yes)
+    );
+    assert_eq!(verified(&home), true);
 }

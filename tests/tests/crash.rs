@@ -133,7 +133,11 @@ fn check(user: &User, o: &Outcomes, prefix: &str) {
     })
     .unwrap_or_else(|| panic!("missing some of {o:?}: {:?}", user.inbox_counts()));
     for t in &must {
-        assert_eq!(inbox.get(*t), Some(&1), "{t} must arrive exactly once ({o:?})");
+        assert_eq!(
+            inbox.get(*t),
+            Some(&1),
+            "{t} must arrive exactly once ({o:?})"
+        );
     }
     for (t, n) in &inbox {
         assert!(*n == 1 || !t.starts_with(prefix), "{t} arrived {n} times");
