@@ -15,7 +15,7 @@ use libp2p::{
     swarm::NetworkBehaviour,
     tcp, yamux, StreamProtocol, Swarm,
 };
-use meshchat_protocol::envelope::Envelope;
+use meshchat_protocol::{envelope::Envelope, MailboxRequest, MailboxResponse};
 
 use crate::{
     config::NodeConfig,
@@ -32,6 +32,10 @@ pub const IDENTIFY_PROTOCOL: &str = "/meshchat/id/1.0.0";
 pub(crate) type DirectBehaviour =
     request_response::Behaviour<direct::Codec<Envelope, DirectResponse>>;
 
+/// The mailbox behaviour (`/meshchat/mailbox/1.0.0`).
+pub(crate) type MailboxBehaviour =
+    request_response::Behaviour<direct::Codec<MailboxRequest, MailboxResponse>>;
+
 /// Everything the node speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -42,6 +46,7 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) direct: DirectBehaviour,
+    pub(crate) mailbox: MailboxBehaviour,
 }
 
 impl Behaviour {
@@ -91,6 +96,16 @@ impl Behaviour {
                 .with_max_concurrent_streams(l.max_direct_streams),
         );
 
+        let mailbox = MailboxBehaviour::new(
+            [(
+                crate::mailbox::PROTOCOL,
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(std::time::Duration::from_secs(15))
+                .with_max_concurrent_streams(l.max_direct_streams),
+        );
+
         Self {
             blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
@@ -99,6 +114,7 @@ impl Behaviour {
             ping: ping::Behaviour::default(),
             kad,
             direct,
+            mailbox,
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub send_timeout: Duration,
     /// Connection and record limits.
     pub limits: Limits,
+    /// Offline delivery: replicas per envelope, quorum, collection and repair intervals, and
+    /// the replica store's quotas (see [`crate::mailbox::Config`]).
+    pub mailbox: crate::mailbox::Config,
 }
 
 impl NodeConfig {
@@ -61,6 +64,7 @@ impl NodeConfig {
             serve_control: false,
             send_timeout: DEFAULT_SEND_TIMEOUT,
             limits: Limits::default(),
+            mailbox: crate::mailbox::Config::default(),
         }
     }
 

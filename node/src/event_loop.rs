@@ -36,6 +36,7 @@ use libp2p::{
 };
 use meshchat_protocol::envelope::Envelope;
 use meshchat_protocol::records::ValidRecord;
+use meshchat_protocol::{MailboxReject, MailboxRequest, MailboxResponse};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinSet,
@@ -76,6 +77,14 @@ pub(crate) struct InboundEnvelope {
     pub(crate) peer: PeerId,
     pub(crate) envelope: Envelope,
     pub(crate) channel: ResponseChannel<DirectResponse>,
+}
+
+/// One mailbox request from a peer, waiting for the mailbox service (`crate::mailbox`).
+#[derive(Debug)]
+pub(crate) struct InboundMailbox {
+    pub(crate) peer: PeerId,
+    pub(crate) request: MailboxRequest,
+    pub(crate) channel: ResponseChannel<MailboxResponse>,
 }
 
 /// A connection, as shown by `status`.
@@ -126,6 +135,19 @@ pub(crate) enum Command {
     Strike {
         peer: PeerId,
         reason: String,
+    },
+    ClosestPeers {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    MailboxRequest {
+        peer: PeerId,
+        request: MailboxRequest,
+        reply: oneshot::Sender<Result<MailboxResponse, String>>,
+    },
+    MailboxRespond {
+        channel: ResponseChannel<MailboxResponse>,
+        response: MailboxResponse,
     },
     Dial {
         addr: Multiaddr,
@@ -208,6 +230,37 @@ impl NetClient {
             .map_err(|_| LoopStopped)
     }
 
+    /// The peers closest to `key` in the DHT (Kademlia `get_closest_peers`, this node
+    /// excluded), closest first.
+    pub(crate) async fn closest_peers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, LoopStopped> {
+        self.call(|reply| Command::ClosestPeers { key, reply })
+            .await
+    }
+
+    pub(crate) async fn mailbox_request(
+        &self,
+        peer: PeerId,
+        request: MailboxRequest,
+    ) -> Result<Result<MailboxResponse, String>, LoopStopped> {
+        self.call(|reply| Command::MailboxRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await
+    }
+
+    pub(crate) async fn mailbox_respond(
+        &self,
+        channel: ResponseChannel<MailboxResponse>,
+        response: MailboxResponse,
+    ) -> Result<(), LoopStopped> {
+        self.tx
+            .send(Command::MailboxRespond { channel, response })
+            .await
+            .map_err(|_| LoopStopped)
+    }
+
     pub(crate) async fn dial(&self, addr: Multiaddr) -> Result<Result<(), String>, LoopStopped> {
         self.call(|reply| Command::Dial { addr, reply }).await
     }
@@ -235,6 +288,10 @@ pub(crate) struct EventLoop {
     pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), String>>>,
     pending_send: HashMap<OutboundRequestId, oneshot::Sender<Result<DirectResponse, String>>>,
     pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
+    pending_closest: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
+    pending_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<MailboxResponse, String>>>,
+    mailbox_inbound: mpsc::Sender<InboundMailbox>,
+    online: watch::Sender<u64>,
     connections: HashMap<PeerId, HashMap<ConnectionId, ConnectionInfo>>,
     strikes: HashMap<PeerId, u32>,
     bans: VecDeque<(Instant, PeerId)>,
@@ -268,8 +325,11 @@ pub(crate) fn new(
     NetClient,
     mpsc::Receiver<InboundEnvelope>,
     watch::Receiver<Vec<Multiaddr>>,
+    LoopExtras,
 ) {
     let (tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let (mailbox_inbound, mailbox_rx) = mpsc::channel(INBOUND_CAPACITY);
+    let (online, online_rx) = watch::channel(0);
     let (inbound, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
     let (addrs, addrs_rx) = watch::channel(Vec::new());
     let event_loop = EventLoop {
@@ -283,12 +343,28 @@ pub(crate) fn new(
         pending_put: HashMap::new(),
         pending_send: HashMap::new(),
         pending_dial: HashMap::new(),
+        pending_closest: HashMap::new(),
+        pending_mailbox: HashMap::new(),
+        mailbox_inbound,
+        online,
         connections: HashMap::new(),
         strikes: HashMap::new(),
         bans: VecDeque::new(),
         checks: JoinSet::new(),
     };
-    (event_loop, NetClient { tx }, inbound_rx, addrs_rx)
+    let extras = LoopExtras {
+        mailbox: mailbox_rx,
+        online: online_rx,
+    };
+    (event_loop, NetClient { tx }, inbound_rx, addrs_rx, extras)
+}
+
+/// The other outputs of the loop: mailbox requests from peers, and a counter that goes up
+/// every time the node goes from no connection to at least one (a reconnect).
+#[derive(Debug)]
+pub(crate) struct LoopExtras {
+    pub(crate) mailbox: mpsc::Receiver<InboundMailbox>,
+    pub(crate) online: watch::Receiver<u64>,
 }
 
 impl EventLoop {
@@ -493,6 +569,37 @@ impl EventLoop {
                 }
             }
             Command::Strike { peer, reason } => self.strike(peer, &reason),
+            Command::ClosestPeers { key, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(key);
+                self.pending_closest.insert(id, reply);
+            }
+            Command::MailboxRequest {
+                peer,
+                request,
+                reply,
+            } => {
+                if peer == *self.swarm.local_peer_id() {
+                    let _ = reply.send(Err("that peer is this node".into()));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .mailbox
+                    .send_request(&peer, Framed::Value(request));
+                self.pending_mailbox.insert(id, reply);
+            }
+            Command::MailboxRespond { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .mailbox
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("mailbox response dropped: the connection is gone");
+                }
+            }
             Command::Dial { addr, reply } => {
                 let Some(peer) = peer_of(&addr) else {
                     let _ = reply.send(Err(format!("{addr} does not end in /p2p/PEER_ID")));
@@ -522,6 +629,7 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(BehaviourEvent::Direct(e)) => self.on_direct(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => self.on_mailbox(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -557,6 +665,9 @@ impl EventLoop {
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 let relayed = addr.iter().any(|p| p == Protocol::P2pCircuit);
+                if self.connections.is_empty() {
+                    self.online.send_modify(|n| *n = n.wrapping_add(1));
+                }
                 self.connections
                     .entry(peer_id)
                     .or_default()
@@ -651,6 +762,15 @@ impl EventLoop {
                 kad::QueryResult::PutRecord(result) => {
                     if let Some(reply) = self.pending_put.remove(&id) {
                         let _ = reply.send(result.map(|_| ()).map_err(|e| e.to_string()));
+                    }
+                }
+                kad::QueryResult::GetClosestPeers(result) => {
+                    let peers = match result {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    if let Some(reply) = self.pending_closest.remove(&id) {
+                        let _ = reply.send(peers.into_iter().map(|p| p.peer_id).collect());
                     }
                 }
                 kad::QueryResult::Bootstrap(Ok(_)) => {}
@@ -754,6 +874,78 @@ impl EventLoop {
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "inbound direct request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+impl EventLoop {
+    fn on_mailbox(
+        &mut self,
+        event: request_response::Event<Framed<MailboxRequest>, MailboxResponse>,
+    ) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let request = match request {
+                        Framed::Value(r) => r,
+                        Framed::Refused(e) => {
+                            tracing::debug!(%peer, error = %e, "refused a mailbox request");
+                            let reason = match e.reason() {
+                                RejectReason::TooLarge => MailboxReject::TooLarge,
+                                _ => MailboxReject::Malformed,
+                            };
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .mailbox
+                                .send_response(channel, MailboxResponse::Refused { reason });
+                            self.strike(peer, "undecodable mailbox request");
+                            return;
+                        }
+                    };
+                    let item = InboundMailbox {
+                        peer,
+                        request,
+                        channel,
+                    };
+                    if let Err(e) = self.mailbox_inbound.try_send(item) {
+                        let (item, reason) = match e {
+                            mpsc::error::TrySendError::Full(i) => (i, MailboxReject::Busy),
+                            mpsc::error::TrySendError::Closed(i) => (i, MailboxReject::Internal),
+                        };
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .mailbox
+                            .send_response(item.channel, MailboxResponse::Refused { reason });
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_mailbox.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "mailbox request failed");
+                if let Some(reply) = self.pending_mailbox.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound mailbox request failed");
             }
             request_response::Event::ResponseSent { .. } => {}
         }

@@ -29,11 +29,14 @@ use libp2p::{Multiaddr, PeerId};
 use meshchat_protocol::{
     addressing::{self, pair_secret},
     content::{Content, MessageId, ReceiptKind, MAX_TEXT_BYTES},
-    envelope::{Envelope, EnvelopeError, DEFAULT_TTL_SECS},
+    envelope::{Envelope, EnvelopeError, DEFAULT_TTL_SECS, MAX_TTL_SECS},
+    mailbox::{MailboxKeys, MAX_DELETE_IDS},
+    prekey::MAX_CLOCK_SKEW_SECS,
     records::{self, Presence, PresenceKeys, PresencePeer, PresenceRecord},
     replay::ReplayCache,
     session::{self, SessionError, SessionRecord},
-    Identity, PrekeyBundle, PrekeySecrets, PublicIdentity, VerifiedBundle, Wire,
+    Identity, MailboxRequest, MailboxResponse, PrekeyBundle, PrekeySecrets, PublicIdentity,
+    VerifiedBundle, Wire,
 };
 use rand::{rngs::OsRng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -47,6 +50,7 @@ use crate::{
     direct::{DirectResponse, RejectReason},
     error::NodeError,
     event_loop::{InboundEnvelope, LoopStopped, NetClient},
+    mailbox::{self, service::Pushed},
     node::{NodeEvent, SendOutcome, SendReport},
     storage::{Direction, IncomingOutcome, OutboxEntry, Status, Storage, StoredMessage},
 };
@@ -83,6 +87,32 @@ const PRESENCE_GRACE_SECS: u64 = 3600;
 /// any envelope can live.
 const SEEN_RETENTION_MS: u64 = (meshchat_protocol::envelope::MAX_TTL_SECS as u64 + 86_400) * 1000;
 
+/// Mailboxes looked up at once while collecting.
+const COLLECT_PARALLEL: usize = 8;
+/// Fastest retry of a collection round that reached no replica.
+const COLLECT_RETRY: Duration = Duration::from_millis(200);
+/// Quick rounds after start-up and after a reconnect (1 s, 2 s, 3 s apart).
+const COLLECT_FOLLOWUPS: u32 = 3;
+/// The pause unit between those rounds.
+const COLLECT_FOLLOWUP_PAUSE: Duration = Duration::from_secs(1);
+/// Slowest retry of a collection round that reached no replica.
+const MAX_COLLECT_RETRY: Duration = Duration::from_secs(5);
+
+/// What one collection round did ([`crate::NodeHandle::collect_mail`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectReport {
+    /// Mailboxes watched (first contact, and every live epoch of every pair).
+    pub mailboxes: usize,
+    /// FETCHes that replicas answered.
+    pub replicas_answered: usize,
+    /// Distinct envelopes fetched.
+    pub envelopes: usize,
+    /// New messages stored (and shown) by this round.
+    pub new_messages: usize,
+    /// Envelopes the replicas confirmed deleted.
+    pub deleted: u64,
+}
+
 /// What one publication round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishReport {
@@ -98,6 +128,15 @@ impl PublishReport {
     fn complete(&self) -> bool {
         self.bundle_published && self.presence_failed == 0
     }
+}
+
+/// How a delivery attempt ended well.
+#[derive(Debug, Clone, Copy)]
+enum Delivered {
+    /// The recipient's node acknowledged it.
+    Direct,
+    /// A quorum of mailbox replicas acknowledged it.
+    Stored { replicas: usize },
 }
 
 /// Why a delivery attempt did not end in an acknowledgement.
@@ -151,6 +190,11 @@ pub(crate) struct Messenger {
     wake_peers: StdMutex<HashSet<PublicIdentity>>,
     presence_cache: StdMutex<HashMap<PublicIdentity, (Instant, PeerAddrs)>>,
     published_contacts: StdMutex<Option<Vec<PublicIdentity>>>,
+    mailbox: mailbox::Config,
+    collect_kick: Notify,
+    collect_lock: Mutex<()>,
+    last_collect: StdMutex<Option<u64>>,
+    watched: StdMutex<Vec<MailboxKeys>>,
 }
 
 impl std::fmt::Debug for Messenger {
@@ -226,6 +270,8 @@ fn envelope_reject(e: &EnvelopeError) -> RejectReason {
 }
 
 impl Messenger {
+    // Every argument is a distinct piece of the node the messenger is wired to.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         storage: Storage,
         identity: Identity,
@@ -234,6 +280,7 @@ impl Messenger {
         events: broadcast::Sender<NodeEvent>,
         addrs: watch::Receiver<Vec<Multiaddr>>,
         send_timeout: Duration,
+        mailbox: mailbox::Config,
     ) -> Self {
         Self {
             me: identity.public(),
@@ -252,19 +299,29 @@ impl Messenger {
             wake_peers: StdMutex::new(HashSet::new()),
             presence_cache: StdMutex::new(HashMap::new()),
             published_contacts: StdMutex::new(None),
+            mailbox,
+            collect_kick: Notify::new(),
+            collect_lock: Mutex::new(()),
+            last_collect: StdMutex::new(None),
+            watched: StdMutex::new(Vec::new()),
         }
     }
 
-    /// Spawn the inbound worker, the publisher and the outbox loop.
+    /// Spawn the inbound worker, the publisher, the outbox loop, the mail collector and the
+    /// worker for mail replicas push to us.
     pub(crate) fn spawn_tasks(
         self: &Arc<Self>,
         inbound: mpsc::Receiver<InboundEnvelope>,
+        pushed: mpsc::Receiver<Pushed>,
+        online: watch::Receiver<u64>,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
         vec![
             tokio::spawn(Arc::clone(self).inbound_worker(inbound, shutdown.clone())),
             tokio::spawn(Arc::clone(self).publisher(shutdown.clone())),
-            tokio::spawn(Arc::clone(self).outbox_loop(shutdown)),
+            tokio::spawn(Arc::clone(self).outbox_loop(shutdown.clone())),
+            tokio::spawn(Arc::clone(self).collector(online, shutdown.clone())),
+            tokio::spawn(Arc::clone(self).push_worker(pushed, shutdown)),
         ]
     }
 
@@ -335,7 +392,7 @@ impl Messenger {
                 },
             });
         }
-        let result = self.deliver(&to, &envelope, deadline).await;
+        let result = self.deliver_or_store(&to, &envelope, deadline).await;
         let outcome = self.settle(&id, 0, result).await;
         lock(&self.in_flight).remove(&id);
         Ok(SendReport {
@@ -350,12 +407,20 @@ impl Messenger {
         &self,
         id: &[u8; 16],
         attempts: u32,
-        result: Result<(), DeliveryFailure>,
+        result: Result<Delivered, DeliveryFailure>,
     ) -> Result<SendOutcome, NodeError> {
         let storage = self.storage.clone();
         let id = *id;
         match result {
-            Ok(()) => {
+            Ok(Delivered::Stored { replicas }) => {
+                let n = u32::try_from(replicas).unwrap_or(u32::MAX);
+                let changed = blocking(move || Ok(storage.mark_stored(&id, n)?)).await?;
+                if let Some(m) = changed {
+                    self.emit_status(&m);
+                }
+                Ok(SendOutcome::Stored { replicas: n })
+            }
+            Ok(Delivered::Direct) => {
                 let changed = blocking(move || Ok(storage.mark_delivered(&id)?)).await?;
                 if let Some(m) = changed {
                     self.emit_status(&m);
@@ -469,6 +534,384 @@ impl Messenger {
         lock(&self.presence_cache).remove(to);
     }
 
+    /// Deliver directly until `deadline`; if the recipient cannot be reached, store the
+    /// envelope in its mailbox (`envelope.routing_key`) on the closest replicas.
+    async fn deliver_or_store(
+        &self,
+        to: &PublicIdentity,
+        envelope: &Envelope,
+        deadline: Instant,
+    ) -> Result<Delivered, DeliveryFailure> {
+        match self.deliver(to, envelope, deadline).await {
+            Ok(()) => Ok(Delivered::Direct),
+            Err(DeliveryFailure::Unreachable(why)) => match self.store_in_mailbox(envelope).await {
+                Ok(replicas) => Ok(Delivered::Stored { replicas }),
+                Err(e) => Err(DeliveryFailure::Unreachable(format!(
+                    "{why}; and the mailbox: {e}"
+                ))),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// STORE `envelope` on the `r` peers closest to its mailbox id; `Ok(n)` once `n` replicas
+    /// acknowledged durably and `n` reaches the quorum (or all peers found, if fewer exist).
+    pub(crate) async fn store_in_mailbox(&self, envelope: &Envelope) -> Result<usize, String> {
+        let expected = envelope.id();
+        let peers = self
+            .net
+            .closest_peers(envelope.routing_key.to_vec())
+            .await
+            .map_err(|_| "the node is shutting down".to_owned())?;
+        let peers: Vec<PeerId> = peers
+            .into_iter()
+            .filter(|p| *p != self.peer_id)
+            .take(self.mailbox.replicas.max(1))
+            .collect();
+        if peers.is_empty() {
+            return Err("no DHT peers to hold the mailbox".into());
+        }
+        let results = futures::future::join_all(peers.iter().map(|peer| {
+            self.net.mailbox_request(
+                *peer,
+                MailboxRequest::Store {
+                    envelope: envelope.clone(),
+                },
+            )
+        }))
+        .await;
+        let mut acks = 0;
+        let mut last = String::new();
+        for (peer, r) in peers.iter().zip(results) {
+            match r {
+                Ok(Ok(MailboxResponse::Stored { envelope_id, .. })) if envelope_id == expected => {
+                    acks += 1
+                }
+                Ok(Ok(MailboxResponse::Refused { reason })) => {
+                    last = format!("replica {peer} refused: {reason}")
+                }
+                Ok(Ok(other)) => last = format!("replica {peer} answered {other:?}"),
+                Ok(Err(e)) => last = format!("replica {peer} unreachable: {e}"),
+                Err(LoopStopped) => return Err("the node is shutting down".into()),
+            }
+        }
+        let needed = self.mailbox.quorum.max(1).min(peers.len());
+        tracing::debug!(acks, needed, "stored an envelope in a mailbox");
+        if acks >= needed {
+            Ok(acks)
+        } else {
+            Err(format!(
+                "only {acks} of {needed} replicas acknowledged ({last})"
+            ))
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Collecting mail
+    // ------------------------------------------------------------------------------------
+
+    /// Ask the collector for a round now.
+    pub(crate) fn trigger_collect(&self) {
+        self.collect_kick.notify_one();
+    }
+
+    /// One collection round: from every watched mailbox, FETCH from the closest replicas,
+    /// open and store each new envelope durably (deduplicated by envelope id), then DELETE
+    /// what was collected; subscribe to pushes for the current mailboxes.
+    pub(crate) async fn collect_mail(&self) -> Result<CollectReport, NodeError> {
+        let _round = self.collect_lock.lock().await;
+        let started = unix_now();
+        let keys = {
+            let storage = self.storage.clone();
+            let identity = self.identity.clone();
+            let since = *lock(&self.last_collect);
+            blocking(move || watched_mailboxes(&storage, &identity, since, started)).await?
+        };
+        *lock(&self.watched) = keys.iter().map(|(k, _)| k.clone()).collect();
+        let keys: Vec<(MailboxKeys, bool)> = keys;
+        let mut report = CollectReport {
+            mailboxes: keys.len(),
+            ..CollectReport::default()
+        };
+        let seen_this_round: StdMutex<HashSet<[u8; 32]>> = StdMutex::new(HashSet::new());
+        let counts: Vec<Result<(usize, usize, usize, u64), NodeError>> =
+            futures::stream::iter(keys)
+                .map(|(keys, subscribe)| {
+                    let seen = &seen_this_round;
+                    async move { self.collect_one(&keys, subscribe, seen).await }
+                })
+                .buffer_unordered(COLLECT_PARALLEL)
+                .collect()
+                .await;
+        for c in counts {
+            let (answered, envelopes, new, deleted) = c?;
+            report.replicas_answered += answered;
+            report.envelopes += envelopes;
+            report.new_messages += new;
+            report.deleted += deleted;
+        }
+        if report.replicas_answered > 0 {
+            *lock(&self.last_collect) = Some(started);
+        }
+        tracing::debug!(?report, "mail collection round");
+        Ok(report)
+    }
+
+    /// Collect one mailbox: (FETCHes answered, envelopes fetched, new messages, deleted).
+    async fn collect_one(
+        &self,
+        keys: &MailboxKeys,
+        subscribe: bool,
+        seen_this_round: &StdMutex<HashSet<[u8; 32]>>,
+    ) -> Result<(usize, usize, usize, u64), NodeError> {
+        let peers = self
+            .net
+            .closest_peers(keys.id().to_vec())
+            .await
+            .map_err(stopped)?;
+        let peers: Vec<PeerId> = peers
+            .into_iter()
+            .filter(|p| *p != self.peer_id)
+            .take(self.mailbox.replicas.max(1).saturating_mul(2))
+            .collect();
+        let results = futures::future::join_all(
+            peers
+                .iter()
+                .map(|peer| self.collect_from(keys, *peer, subscribe, seen_this_round)),
+        )
+        .await;
+        let mut total = (0, 0, 0, 0);
+        for r in results {
+            let (answered, envelopes, new, deleted) = r?;
+            total.0 += answered;
+            total.1 += envelopes;
+            total.2 += new;
+            total.3 += deleted;
+        }
+        Ok(total)
+    }
+
+    /// Collect one mailbox from one replica.
+    async fn collect_from(
+        &self,
+        keys: &MailboxKeys,
+        peer: PeerId,
+        subscribe: bool,
+        seen_this_round: &StdMutex<HashSet<[u8; 32]>>,
+    ) -> Result<(usize, usize, usize, u64), NodeError> {
+        let mut answered = 0;
+        let mut fetched = 0;
+        let mut new = 0;
+        let mut deleted = 0;
+        let mut after = None;
+        let mut done: Vec<[u8; 32]> = Vec::new();
+        loop {
+            let request = keys.fetch(after, unix_now(), &mut OsRng);
+            let (envelopes, more) = match self.net.mailbox_request(peer, request).await {
+                Err(LoopStopped) => return Err(NodeError::Stopped),
+                Ok(Ok(MailboxResponse::Envelopes { envelopes, more })) => (envelopes, more),
+                Ok(other) => {
+                    tracing::debug!(%peer, ?other, "a replica did not answer a FETCH");
+                    break;
+                }
+            };
+            answered = 1;
+            after = envelopes.last().map(Envelope::id);
+            for envelope in envelopes {
+                let id = envelope.id();
+                if envelope.routing_key != keys.id() {
+                    // A replica answering with another mailbox's mail: drop it.
+                    continue;
+                }
+                if !lock(seen_this_round).insert(id) {
+                    done.push(id);
+                    continue;
+                }
+                fetched += 1;
+                let (deletable, was_new) = self.take_mail(peer, envelope).await?;
+                new += usize::from(was_new);
+                if deletable {
+                    done.push(id);
+                }
+            }
+            if !more || after.is_none() {
+                break;
+            }
+        }
+        for chunk in done.chunks(MAX_DELETE_IDS) {
+            let request = keys.delete(chunk.to_vec(), unix_now(), &mut OsRng);
+            match self.net.mailbox_request(peer, request).await {
+                Err(LoopStopped) => return Err(NodeError::Stopped),
+                Ok(Ok(MailboxResponse::Deleted { count })) => deleted += u64::from(count),
+                Ok(other) => tracing::debug!(%peer, ?other, "a replica did not answer a DELETE"),
+            }
+        }
+        if subscribe && answered > 0 {
+            let request = keys.subscribe(unix_now(), &mut OsRng);
+            match self.net.mailbox_request(peer, request).await {
+                Err(LoopStopped) => return Err(NodeError::Stopped),
+                Ok(Ok(MailboxResponse::Subscribed)) => {}
+                Ok(other) => tracing::debug!(%peer, ?other, "a replica refused a SUBSCRIBE"),
+            }
+        }
+        Ok((answered, fetched, new, deleted))
+    }
+
+    /// Open and store one envelope from a mailbox (as if it had arrived directly). Returns
+    /// (may be deleted from the replica, was a new message).
+    async fn take_mail(&self, peer: PeerId, envelope: Envelope) -> Result<(bool, bool), NodeError> {
+        let processed = match self.process_inbound(envelope).await {
+            Ok(p) => p,
+            Err(NodeError::Stopped) => return Err(NodeError::Stopped),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot process mail from a mailbox");
+                return Ok((false, false));
+            }
+        };
+        let deletable = match processed.response {
+            DirectResponse::Accepted { .. } => true,
+            DirectResponse::Rejected { reason } => {
+                tracing::debug!(%peer, %reason, "mail from a mailbox refused");
+                !reason.is_transient()
+            }
+        };
+        let was_new = processed.new_message.is_some();
+        self.after_processed(processed);
+        Ok((deletable, was_new))
+    }
+
+    /// Emit the events of a processed envelope and wake what it concerns.
+    fn after_processed(&self, processed: Processed) {
+        if let Some(m) = processed.new_message {
+            self.emit(NodeEvent::MessageReceived(m));
+        }
+        for m in &processed.status_changes {
+            self.emit_status(m);
+        }
+        if processed.prekeys_changed {
+            self.trigger_publish();
+        }
+        if let Some(sender) = processed.sender {
+            lock(&self.wake_peers).insert(sender);
+            self.outbox_kick.notify_one();
+        }
+    }
+
+    /// Collect at start, on every reconnect, when asked, and every `collect_interval`; a round
+    /// that reached no replica is retried soon.
+    async fn collector(
+        self: Arc<Self>,
+        mut online: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut retry = COLLECT_RETRY;
+        // The first round as soon as the bootstrap peers may have answered.
+        let mut next = tokio::time::Instant::now() + COLLECT_RETRY / 2;
+        // Right after start-up or a reconnect the routing table is still filling, so a round
+        // may reach replicas that are not yet the closest: a few quick follow-up rounds.
+        let mut followups = COLLECT_FOLLOWUPS;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => return,
+                _ = self.collect_kick.notified() => {},
+                changed = online.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Let the routing table fill before looking up.
+                    tokio::time::sleep(COLLECT_RETRY).await;
+                    followups = COLLECT_FOLLOWUPS;
+                },
+                _ = tokio::time::sleep_until(next) => {},
+            }
+            match self.collect_mail().await {
+                Ok(report) if report.replicas_answered > 0 => {
+                    retry = COLLECT_RETRY;
+                    let wait = if followups > 0 {
+                        followups -= 1;
+                        COLLECT_FOLLOWUP_PAUSE * (COLLECT_FOLLOWUPS - followups)
+                    } else {
+                        self.mailbox.collect_interval
+                    };
+                    next = tokio::time::Instant::now() + wait;
+                }
+                Ok(_) => {
+                    next = tokio::time::Instant::now() + retry;
+                    retry = (retry * 2).min(MAX_COLLECT_RETRY);
+                }
+                Err(NodeError::Stopped) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "collecting mail failed");
+                    next = tokio::time::Instant::now() + retry;
+                    retry = (retry * 2).min(MAX_COLLECT_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Mail a replica pushed to us: open, store durably, answer `Stored`, then DELETE it from
+    /// that replica (the others are emptied by the next collection round).
+    async fn push_worker(
+        self: Arc<Self>,
+        mut pushed: mpsc::Receiver<Pushed>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => return,
+                item = pushed.recv() => match item {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            let Pushed {
+                peer,
+                envelope,
+                channel,
+            } = item;
+            let routing_key = envelope.routing_key;
+            let envelope_id = envelope.id();
+            let ours = lock(&self.watched)
+                .iter()
+                .find(|k| k.id() == routing_key)
+                .cloned();
+            let Some(keys) = ours else {
+                let refused = MailboxResponse::Refused {
+                    reason: meshchat_protocol::MailboxReject::Malformed,
+                };
+                if self.net.mailbox_respond(channel, refused).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let (deletable, was_new) = match self.take_mail(peer, envelope).await {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            let response = if deletable {
+                MailboxResponse::Stored {
+                    envelope_id,
+                    duplicate: !was_new,
+                }
+            } else {
+                MailboxResponse::Refused {
+                    reason: meshchat_protocol::MailboxReject::Internal,
+                }
+            };
+            if self.net.mailbox_respond(channel, response).await.is_err() {
+                return;
+            }
+            if deletable {
+                let request = keys.delete(vec![envelope_id], unix_now(), &mut OsRng);
+                if let Ok(Ok(r)) = self.net.mailbox_request(peer, request).await {
+                    tracing::debug!(%peer, ?r, "deleted pushed mail from its replica");
+                }
+            }
+        }
+    }
+
     /// Try to hand `envelope` to `to`'s node directly until `deadline`.
     async fn deliver(
         &self,
@@ -580,7 +1023,7 @@ impl Messenger {
         };
         if let Some(env) = envelope {
             let deadline = Instant::now() + self.send_timeout;
-            if let Err(e) = self.deliver(&peer, &env, deadline).await {
+            if let Err(e) = self.deliver_or_store(&peer, &env, deadline).await {
                 tracing::debug!(?e, "read receipt not delivered");
             }
         }
@@ -626,20 +1069,8 @@ impl Messenger {
             if self.net.respond(channel, processed.response).await.is_err() {
                 return;
             }
-            if let Some(m) = processed.new_message {
-                self.emit(NodeEvent::MessageReceived(m));
-            }
-            for m in &processed.status_changes {
-                self.emit_status(m);
-            }
-            if processed.prekeys_changed {
-                self.trigger_publish();
-            }
-            if let Some(sender) = processed.sender {
-                // They are online: retry what we owe them now.
-                lock(&self.wake_peers).insert(sender);
-                self.outbox_kick.notify_one();
-            }
+            // They are online: `after_processed` also retries what we owe them now.
+            self.after_processed(processed);
         }
     }
 
@@ -749,7 +1180,9 @@ impl Messenger {
             return Ok(true);
         }
         let deadline = Instant::now() + self.send_timeout;
-        let result = self.deliver(&entry.peer, &envelope, deadline).await;
+        let result = self
+            .deliver_or_store(&entry.peer, &envelope, deadline)
+            .await;
         let reachable = !matches!(result, Err(DeliveryFailure::Unreachable(_)));
         let settled = self.settle(&id, entry.attempts, result).await;
         lock(&self.in_flight).remove(&id);
@@ -920,6 +1353,43 @@ fn random_id() -> [u8; 16] {
     id
 }
 
+/// The mailboxes `identity` watches: its first-contact mailbox, and for everyone it has a
+/// contact or a session with, the pair mailbox of every epoch that can still hold live mail
+/// (since the last collection that reached a replica, `since`, and at most [`MAX_TTL_SECS`]
+/// back). The flag marks the mailboxes new mail goes to now (subscribed to for pushes).
+fn watched_mailboxes(
+    storage: &Storage,
+    identity: &Identity,
+    since: Option<u64>,
+    now: u64,
+) -> Result<Vec<(MailboxKeys, bool)>, NodeError> {
+    let mut peers: Vec<PublicIdentity> = storage
+        .contacts()?
+        .into_iter()
+        .map(|c| c.identity)
+        .collect();
+    peers.extend(storage.session_peers()?);
+    peers.sort();
+    peers.dedup();
+    let oldest = addressing::epoch(now.saturating_sub(u64::from(MAX_TTL_SECS)));
+    let since = since.map_or(oldest, |t| {
+        addressing::epoch(t.saturating_sub(MAX_CLOCK_SKEW_SECS))
+    });
+    let first = oldest.max(since);
+    let last = addressing::epoch(now.saturating_add(MAX_CLOCK_SKEW_SECS));
+    let me = identity.public();
+    let current = addressing::epoch(now);
+    let mut out = vec![(MailboxKeys::first_contact(identity), true)];
+    for peer in peers {
+        let pair = pair_secret(identity, &peer);
+        // Newest first: the mailboxes most likely to hold mail.
+        for e in (first..=last).rev() {
+            out.push((MailboxKeys::derive(&pair, &me, e), e >= current));
+        }
+    }
+    Ok(out)
+}
+
 /// Seal `content` for `to` with the session in `record` (advancing it).
 fn seal_content(
     identity: &Identity,
@@ -932,8 +1402,14 @@ fn seal_content(
         reason: format!("cannot encode the message: {e}"),
     })?;
     let now = unix_now();
-    let pair = pair_secret(identity, to);
-    let routing_key = addressing::mailbox_key(&pair, to, addressing::epoch(now));
+    // Pair mailboxes only once the peer has written to us (so it knows us and watches them);
+    // before that, the first-contact mailbox it always watches.
+    let routing_key = if record.has_session() && !record.awaiting_reply() {
+        let pair = pair_secret(identity, to);
+        MailboxKeys::derive(&pair, to, addressing::epoch(now)).id()
+    } else {
+        addressing::first_contact_mailbox(to)
+    };
     session::seal_message(
         identity,
         record,

@@ -23,13 +23,16 @@ use crate::{
     control::{self, BackendError, ControlBackend, ControlErrorKind},
     error::NodeError,
     event_loop::{self, peer_of, strip_p2p, NetClient},
-    messaging::{Messenger, PublishReport},
+    mailbox::{service::Service, ReplicaStore},
+    messaging::{CollectReport, Messenger, PublishReport},
     storage::{Contact, Status, Storage, StoredMessage},
 };
 
 /// Capacity of the event broadcast; a subscriber that falls further behind misses events
 /// (`RecvError::Lagged`) and should re-read storage.
 pub(crate) const EVENT_CAPACITY: usize = 256;
+/// How long a clean shutdown may spend handing mailbox replicas to other peers.
+const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `start` waits for the listeners to report their addresses.
 const LISTEN_WAIT: Duration = Duration::from_secs(3);
 
@@ -95,6 +98,12 @@ pub struct NodeStatus {
 pub enum SendOutcome {
     /// The recipient's node acknowledged it (it is durably stored there).
     Delivered,
+    /// The recipient could not be reached in time; the envelope is durably stored in its
+    /// mailbox on `replicas` peers (at least the quorum), and the recipient collects it there.
+    Stored {
+        /// Replicas that acknowledged.
+        replicas: u32,
+    },
     /// The recipient could not be reached in time; the message is durably in the outbox and
     /// will be retried.
     Queued {
@@ -163,7 +172,7 @@ impl Node {
 
         let swarm = behaviour::build_swarm(keypair, &config)?;
         let local_peer_id = *swarm.local_peer_id();
-        let (mut event_loop, net, inbound_rx, addrs_rx) =
+        let (mut event_loop, net, inbound_rx, addrs_rx, extras) =
             event_loop::new(swarm, config.limits.clone(), config.force_dht_server());
         {
             let swarm = event_loop.swarm_mut();
@@ -193,6 +202,20 @@ impl Node {
             }
         }
         let loop_task = tokio::spawn(event_loop.run());
+        let replica_store = {
+            let storage = storage.clone();
+            let limits = config.mailbox.limits.clone();
+            tokio::task::spawn_blocking(move || ReplicaStore::open(storage, limits))
+                .await?
+                .map_err(|e| NodeError::internal(format!("opening the mailbox replicas: {e}")))?
+        };
+        let service = Arc::new(Service::new(
+            Arc::new(replica_store),
+            net.clone(),
+            config.mailbox.clone(),
+            local_peer_id,
+        ));
+        let (pushed_tx, pushed_rx) = tokio::sync::mpsc::channel(event_loop::INBOUND_CAPACITY);
 
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -204,15 +227,25 @@ impl Node {
             events.clone(),
             addrs_rx.clone(),
             config.send_timeout,
+            config.mailbox.clone(),
         ));
         messenger.ensure_prekeys().await?;
         let mut tasks = vec![loop_task];
-        tasks.extend(messenger.spawn_tasks(inbound_rx, shutdown_rx));
+        tasks.push(tokio::spawn(Arc::clone(&service).serve(
+            extras.mailbox,
+            pushed_tx,
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(
+            Arc::clone(&service).repair_loop(shutdown_rx.clone()),
+        ));
+        tasks.extend(messenger.spawn_tasks(inbound_rx, pushed_rx, extras.online, shutdown_rx));
 
         let handle = NodeHandle {
             inner: Arc::new(Inner {
                 net,
                 messenger,
+                service,
                 storage,
                 user_id: identity.user_id(),
                 peer_id: local_peer_id,
@@ -249,6 +282,7 @@ impl Node {
 struct Inner {
     net: NetClient,
     messenger: Arc<Messenger>,
+    service: Arc<Service>,
     storage: Storage,
     user_id: UserId,
     peer_id: PeerId,
@@ -314,7 +348,7 @@ impl NodeHandle {
             routing_table_size: s.routing_table_size,
             nat_status: "unknown".into(),
             relay_reservations: Vec::new(),
-            mailbox_replicas_held: 0,
+            mailbox_replicas_held: self.inner.service.store().totals().0,
             dht_records_held: s.dht_records_held,
             dht_server: s.dht_server,
         })
@@ -329,6 +363,24 @@ impl NodeHandle {
         text: String,
     ) -> Result<SendReport, NodeError> {
         self.inner.messenger.send_text(to, text).await
+    }
+
+    /// Collect mail now: FETCH from the replicas of every watched mailbox, store what is new
+    /// durably, DELETE it from the replicas. The node also does this by itself at start, on
+    /// reconnect and every `mailbox.collect_interval`.
+    pub async fn collect_mail(&self) -> Result<CollectReport, NodeError> {
+        self.inner.messenger.collect_mail().await
+    }
+
+    /// Run one repair round now: sweep expired mail and hand copies of what this node holds to
+    /// the closest peers of each mailbox that lack them. Returns the copies newly accepted.
+    pub async fn repair_mailboxes(&self) -> usize {
+        self.inner.service.repair().await
+    }
+
+    /// (envelopes, bytes) this node holds as a mailbox replica for others.
+    pub fn mailbox_replicas(&self) -> (u64, u64) {
+        self.inner.service.store().totals()
     }
 
     /// Events: received messages, status changes of ours.
@@ -346,6 +398,7 @@ impl NodeHandle {
         let contact =
             tokio::task::spawn_blocking(move || storage.add_contact(&name, &identity)).await??;
         self.inner.messenger.trigger_publish();
+        self.inner.messenger.trigger_collect();
         Ok(contact)
     }
 
@@ -398,6 +451,14 @@ impl NodeHandle {
         }
     }
 
+    /// Stop like [`NodeHandle::shutdown`] but without handing mailbox replicas to other peers
+    /// first: what the network sees when a node crashes or loses power (for tests and
+    /// simulations of churn).
+    pub async fn shutdown_abruptly(&self) {
+        self.inner.shutdown.send_replace(true);
+        self.shutdown().await;
+    }
+
     /// Resolves once a shutdown has been requested (by [`NodeHandle::shutdown`] or a control
     /// client's `Shutdown`); `meshchat run` waits on this and then calls `shutdown`.
     pub async fn stopped(&self) {
@@ -408,6 +469,12 @@ impl NodeHandle {
     /// Stop everything but the control socket (so a control client asking for the shutdown
     /// still gets its answer).
     async fn stop_tasks(&self) {
+        // A replica leaving cleanly hands its mail to the closest peers first.
+        if !*self.inner.shutdown.borrow() && self.inner.service.store().totals().0 > 0 {
+            let handed =
+                tokio::time::timeout(HAND_OFF_TIMEOUT, self.inner.service.hand_over(true)).await;
+            tracing::debug!(?handed, "mailbox hand-off before shutdown");
+        }
         self.inner.shutdown.send_replace(true);
         let _ = self.inner.net.shutdown().await;
         let tasks: Vec<JoinHandle<()>> = self.inner.tasks.lock().await.drain(..).collect();
@@ -474,6 +541,7 @@ impl ControlBackend for NodeHandle {
             .map_err(backend_error)?;
         let outcome = match report.outcome {
             SendOutcome::Delivered => control::SendOutcome::Delivered,
+            SendOutcome::Stored { replicas } => control::SendOutcome::Stored { replicas },
             SendOutcome::Queued { reason } => control::SendOutcome::Queued { reason },
             SendOutcome::Failed { reason } => {
                 return Err(BackendError::new(ControlErrorKind::Unavailable, reason))

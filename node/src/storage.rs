@@ -65,7 +65,9 @@ const CF_RECORDS: &str = "records";
 const CF_REPLAY: &str = "replay";
 const CF_SEEN: &str = "seen";
 const CF_META: &str = "meta";
-const COLUMN_FAMILIES: [&str; 9] = [
+/// Envelopes this node keeps as a mailbox replica for others (`crate::mailbox::store`).
+pub(crate) const CF_REPLICAS: &str = "replicas";
+const COLUMN_FAMILIES: [&str; 10] = [
     CF_IDENTITY,
     CF_CONTACTS,
     CF_SESSIONS,
@@ -75,6 +77,7 @@ const COLUMN_FAMILIES: [&str; 9] = [
     CF_REPLAY,
     CF_SEEN,
     CF_META,
+    CF_REPLICAS,
 ];
 
 const KEY_SEED: &[u8] = b"seed";
@@ -689,6 +692,11 @@ impl Storage {
             .expect("invariant: every column family is created at open")
     }
 
+    /// The database and the mailbox-replica column family (owned by `crate::mailbox::store`).
+    pub(crate) fn replica_cf(&self) -> (&DB, &ColumnFamily) {
+        (&self.inner.db, self.cf(CF_REPLICAS))
+    }
+
     fn lock(&self) -> MutexGuard<'_, ()> {
         // A panic while holding the lock leaves no partial state (all writes are batches).
         self.inner
@@ -977,7 +985,26 @@ impl Storage {
 
     // --- sessions ------------------------------------------------------------------------
 
-    /// The session record with `peer` (caller's wire bytes), if any.
+    /// Every identity a session record is stored with.
+    pub fn session_peers(&self) -> Result<Vec<PublicIdentity>, StorageError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(CF_SESSIONS), IteratorMode::Start)
+        {
+            let (key, _) = item.map_err(db_err("listing sessions"))?;
+            if let Some(p) = <[u8; 32]>::try_from(&key[..])
+                .ok()
+                .and_then(|k| PublicIdentity::from_bytes(&k).ok())
+            {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored session record (ratchet state) with `peer`, if any.
     pub fn session(&self, peer: &PublicIdentity) -> Result<Option<Vec<u8>>, StorageError> {
         self.blob(CF_SESSIONS, peer.as_bytes())
     }
@@ -1493,6 +1520,16 @@ impl Storage {
         message_id: &[u8; 16],
     ) -> Result<Option<StoredMessage>, StorageError> {
         self.finish_outgoing(message_id, Status::Delivered)
+    }
+
+    /// `message_id` is stored on `replicas` mailbox replicas: in one synced batch, drop its
+    /// outbox entry (the recipient collects it from the mailbox) and mark it stored.
+    pub fn mark_stored(
+        &self,
+        message_id: &[u8; 16],
+        replicas: u32,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        self.finish_outgoing(message_id, Status::Stored { replicas })
     }
 
     /// Give up on `message_id`: drop its outbox entry and mark it failed (one synced batch).

@@ -47,6 +47,11 @@ struct TestNode {
 
 /// Start a node on loopback with a fresh identity in its own home.
 async fn start(bootstrap: Vec<Multiaddr>) -> TestNode {
+    start_with(bootstrap, true).await
+}
+
+/// Start a node; `serve_mailbox: false` makes it refuse to be a mailbox replica.
+async fn start_with(bootstrap: Vec<Multiaddr>, serve_mailbox: bool) -> TestNode {
     let home = tempfile::tempdir().expect("tempdir");
     let identity = Identity::generate(&mut OsRng);
     {
@@ -58,6 +63,7 @@ async fn start(bootstrap: Vec<Multiaddr>) -> TestNode {
     config.bootstrap = bootstrap;
     config.dht_server = true;
     config.send_timeout = Duration::from_secs(10);
+    config.mailbox.serve = serve_mailbox;
     let handle = Node::start(config).await.expect("node starts");
     let status = handle.status().await.expect("status");
     let addr: Multiaddr = status
@@ -80,7 +86,12 @@ async fn start(bootstrap: Vec<Multiaddr>) -> TestNode {
 
 /// A bootstrap node and two users who know each other, with their records published.
 async fn mesh() -> (TestNode, TestNode, TestNode) {
-    let boot = start(Vec::new()).await;
+    mesh_with(true).await
+}
+
+/// [`mesh`], with a bootstrap node that serves mailboxes or not.
+async fn mesh_with(boot_serves_mailboxes: bool) -> (TestNode, TestNode, TestNode) {
+    let boot = start_with(Vec::new(), boot_serves_mailboxes).await;
     let a = start(vec![boot.addr.clone()]).await;
     let b = start(vec![boot.addr.clone()]).await;
     a.handle
@@ -238,7 +249,9 @@ async fn two_users_exchange_messages_both_ways_through_presence_and_direct_deliv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unreachable_recipient_gets_the_message_from_the_outbox_later() {
-    let (boot, a, b) = mesh().await;
+    // No node will hold B's mail (the mailbox path is tested in tests/mailbox.rs): the
+    // message waits in A's outbox.
+    let (boot, a, b) = mesh_with(false).await;
     // One message establishes the session (and both presence records are known).
     let first = a
         .handle

@@ -5,6 +5,7 @@ pub mod addressing;
 pub mod content;
 pub mod envelope;
 pub mod identity;
+pub mod mailbox;
 pub mod prekey;
 pub mod ratchet;
 pub mod records;
@@ -19,6 +20,7 @@ pub use addressing::{
 pub use content::{Content, ContentError, MessageId, ReceiptKind, MAX_TEXT_BYTES};
 pub use envelope::{Envelope, EnvelopeError, Opened};
 pub use identity::{Identity, IdentityError, PublicIdentity, SafetyNumber, UserId};
+pub use mailbox::{MailboxKeys, MailboxReject, MailboxRequest, MailboxResponse};
 pub use prekey::{BundleError, PrekeyBundle, PrekeyPublic, PrekeySecrets, VerifiedBundle};
 pub use ratchet::{RatchetError, RatchetMessage, RatchetState};
 pub use records::{
