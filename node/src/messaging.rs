@@ -1623,7 +1623,20 @@ fn prepare_bundle(
         let bytes = secrets.to_wire().map_err(wire_err("prekey secrets"))?;
         storage.save_prekeys(&bytes)?;
     }
-    let bundle = secrets.bundle(identity);
+    // The DHT bundle carries the signed prekey only. Anyone can read a DHT record, so two
+    // strangers writing first messages at once could pick the same one-time prekey, and the
+    // second message could never be opened. First messages without a one-time prekey are
+    // protected against replay by the replay cache and by signed-prekey rotation
+    // (docs/protocol.md, "Handshake"; docs/threat-model.md).
+    let full = secrets.bundle(identity);
+    let bundle = PrekeyBundle::sign(
+        identity,
+        full.version,
+        full.signed_prekey,
+        Vec::new(),
+        full.created_at,
+        full.expires_at,
+    );
     let value = bundle.to_wire().map_err(wire_err("prekey bundle"))?;
     let key = records::bundle_record_key(&identity.public());
     storage.put_own_record(&key, &value)?;

@@ -849,3 +849,75 @@ async fn invalid_dht_records_are_not_stored() {
     assert!(x.handle.status().await.is_ok());
     x.handle.shutdown().await;
 }
+
+/// The bundle a user publishes in the DHT carries no one-time prekeys: anyone can read it, so
+/// two strangers could otherwise pick the same one and the second first message could never be
+/// opened. Three strangers whose first messages use the published bundle all get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_published_bundle_has_no_one_time_prekeys_and_strangers_never_collide() {
+    let (boot, _a, b) = mesh().await;
+    let key = bundle_record_key(&b.identity.public());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let value = loop {
+        if let Some(v) = boot
+            .handle
+            .local_record(key.clone())
+            .await
+            .expect("local record")
+        {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bundle not in the DHT"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let published = meshchat_protocol::PrekeyBundle::from_wire(&value)
+        .expect("bundle decodes")
+        .verify(now())
+        .expect("bundle verifies");
+    assert!(published.one_time_prekeys().is_empty(), "{published:?}");
+
+    let mut rx = b.handle.subscribe();
+    for (i, stranger) in (0..3).map(|_| Identity::generate(&mut OsRng)).enumerate() {
+        let content = Content::Text {
+            id: meshchat_protocol::content::MessageId::random(&mut OsRng),
+            seq: 1,
+            sent_at_ms: now() * 1000,
+            body: format!("stranger {i}"),
+        };
+        let mut record = meshchat_protocol::SessionRecord::new();
+        let envelope = meshchat_protocol::seal_message(
+            &stranger,
+            &mut record,
+            Some(&published),
+            &b.identity.public(),
+            [0u8; 32],
+            now(),
+            3600,
+            &content.encode().expect("content encodes"),
+            &mut OsRng,
+        )
+        .expect("seal a first message against the published bundle");
+        let mut swarm = raw_swarm();
+        let raw = raw_request(
+            &mut swarm,
+            b.handle.peer_id(),
+            &b.addr,
+            frame(&envelope.to_wire().expect("envelope encodes")),
+        )
+        .await
+        .expect("an answer");
+        assert!(
+            matches!(parse_response(&raw), DirectResponse::Accepted { .. }),
+            "stranger {i}'s first message is accepted"
+        );
+    }
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        bodies.push(next_message(&mut rx).await.body);
+    }
+    bodies.sort();
+    assert_eq!(bodies, ["stranger 0", "stranger 1", "stranger 2"]);
+}
