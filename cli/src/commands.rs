@@ -527,6 +527,10 @@ async fn inbox(ctx: &Ctx, wait: Option<u32>, follow: bool) -> Result<u8, Failure
             out.emit(output::message_line(&m), output::message_json(&m));
             shown += 1;
         }
+        if output::stdout_closed() {
+            // Stop listing (or following); mapped to a quiet exit 0 below.
+            return Err(Failure::new(exit::OK, "stdout_closed", "stdout closed"));
+        }
         Ok(())
     });
     // A wait can be interrupted; a node this command started is then shut down cleanly.
@@ -537,6 +541,7 @@ async fn inbox(ctx: &Ctx, wait: Option<u32>, follow: bool) -> Result<u8, Failure
     conn.close().await;
     match result {
         None => Ok(exit::OK),
+        Some(Err(_)) if output::stdout_closed() => Ok(exit::OK),
         Some(r) => {
             r?;
             if shown == 0 && !ctx.out.json && !waiting {

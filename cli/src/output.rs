@@ -12,12 +12,25 @@ pub(crate) struct Out {
     pub(crate) json: bool,
 }
 
+/// Set once a write to stdout found its reader gone.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the reader of stdout went away (`meshchat inbox --follow | head -1`): the command
+/// should stop and end quietly with exit code 0, as a filter does.
+pub(crate) fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Out {
-    /// Print `human` as text, or `json` as one line. When the reader of stdout went away
-    /// (`meshchat inbox --follow | head -1`), the process ends quietly with exit code 0, as a
-    /// filter does; what the node holds is already on disk.
+    /// Print `human` as text, or `json` as one line. When the reader of stdout went away, the
+    /// rest of the output is dropped and [`stdout_closed`] says so; the command then returns
+    /// normally (never `process::exit` here: RocksDB may be open, and exiting under its
+    /// background threads can crash the process).
     pub(crate) fn emit(&self, human: impl std::fmt::Display, json: Value) {
         use std::io::Write;
+        if stdout_closed() {
+            return;
+        }
         let mut out = std::io::stdout().lock();
         let written = if self.json {
             writeln!(out, "{json}")
@@ -27,7 +40,8 @@ impl Out {
         .and_then(|()| out.flush());
         if let Err(e) = written {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(i32::from(crate::exit::OK));
+                STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
             }
             tracing::warn!("cannot write to stdout: {e}");
         }

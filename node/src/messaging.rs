@@ -28,7 +28,7 @@ use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use meshchat_protocol::{
     addressing::{self, pair_secret},
-    content::{Content, MessageId, ReceiptKind, MAX_TEXT_BYTES},
+    content::{Content, MessageId, ReceiptKind, MAX_RECEIPT_IDS, MAX_TEXT_BYTES},
     envelope::{Envelope, EnvelopeError, DEFAULT_TTL_SECS, MAX_TTL_SECS},
     mailbox::{MailboxKeys, MAX_DELETE_IDS},
     prekey::MAX_CLOCK_SKEW_SECS,
@@ -195,6 +195,10 @@ pub(crate) struct Messenger {
     collect_lock: Mutex<()>,
     last_collect: StdMutex<Option<u64>>,
     watched: StdMutex<Vec<MailboxKeys>>,
+    /// Messages collected from a mailbox whose senders still need a Delivered receipt (their
+    /// status says "stored" until then), by sender; at most MAX_RECEIPT_IDS each.
+    receipts_due: StdMutex<HashMap<PublicIdentity, Vec<MessageId>>>,
+    receipt_kick: Notify,
 }
 
 impl std::fmt::Debug for Messenger {
@@ -304,6 +308,8 @@ impl Messenger {
             collect_lock: Mutex::new(()),
             last_collect: StdMutex::new(None),
             watched: StdMutex::new(Vec::new()),
+            receipts_due: StdMutex::new(HashMap::new()),
+            receipt_kick: Notify::new(),
         }
     }
 
@@ -321,7 +327,8 @@ impl Messenger {
             tokio::spawn(Arc::clone(self).publisher(shutdown.clone())),
             tokio::spawn(Arc::clone(self).outbox_loop(shutdown.clone())),
             tokio::spawn(Arc::clone(self).collector(online, shutdown.clone())),
-            tokio::spawn(Arc::clone(self).push_worker(pushed, shutdown)),
+            tokio::spawn(Arc::clone(self).push_worker(pushed, shutdown.clone())),
+            tokio::spawn(Arc::clone(self).receipt_worker(shutdown)),
         ]
     }
 
@@ -776,6 +783,15 @@ impl Messenger {
             }
         };
         let was_new = processed.new_message.is_some();
+        if let Some(m) = &processed.new_message {
+            let mut due = lock(&self.receipts_due);
+            let ids = due.entry(m.peer).or_default();
+            if ids.len() < MAX_RECEIPT_IDS {
+                ids.push(MessageId(m.id));
+            }
+            drop(due);
+            self.receipt_kick.notify_one();
+        }
         self.after_processed(processed);
         Ok((deletable, was_new))
     }
@@ -998,7 +1014,18 @@ impl Messenger {
             })
             .await?
         };
-        if changed.is_empty() {
+        self.send_receipt(peer, changed, ReceiptKind::Read).await
+    }
+
+    /// Tell `peer` that we received (`Delivered`) or showed (`Read`) its messages `ids`: one
+    /// receipt, sent directly or stored in its mailbox; best effort (logged when it fails).
+    async fn send_receipt(
+        &self,
+        peer: PublicIdentity,
+        ids: Vec<MessageId>,
+        kind: ReceiptKind,
+    ) -> Result<(), NodeError> {
+        if ids.is_empty() {
             return Ok(());
         }
         let envelope = {
@@ -1010,10 +1037,7 @@ impl Messenger {
                 if !record.has_session() {
                     return Ok(None);
                 }
-                let content = Content::Receipt {
-                    kind: ReceiptKind::Read,
-                    ids: changed,
-                };
+                let content = Content::Receipt { kind, ids };
                 let env = seal_content(&identity, &mut record, None, &peer, &content)?;
                 let bytes = record.to_wire().map_err(wire_err("session record"))?;
                 storage.save_session(&peer, &bytes)?;
@@ -1024,10 +1048,29 @@ impl Messenger {
         if let Some(env) = envelope {
             let deadline = Instant::now() + self.send_timeout;
             if let Err(e) = self.deliver_or_store(&peer, &env, deadline).await {
-                tracing::debug!(?e, "read receipt not delivered");
+                tracing::debug!(?e, ?kind, "receipt not delivered");
             }
         }
         Ok(())
+    }
+
+    /// Sends the Delivered receipts for mail collected from mailboxes, one receipt per sender
+    /// for everything collected since the last one.
+    async fn receipt_worker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => return,
+                _ = self.receipt_kick.notified() => {}
+            }
+            let due: Vec<(PublicIdentity, Vec<MessageId>)> =
+                lock(&self.receipts_due).drain().collect();
+            for (peer, ids) in due {
+                if let Err(e) = self.send_receipt(peer, ids, ReceiptKind::Delivered).await {
+                    tracing::debug!(error = %e, "delivered receipt not sent");
+                }
+            }
+        }
     }
 
     // ------------------------------------------------------------------------------------

@@ -666,3 +666,32 @@ async fn quotas_stop_a_flood_while_other_mailboxes_keep_working() {
     assert_eq!(node.handle.mailbox_replicas().0, 5 + 1 + 5 + 1);
     node.handle.shutdown().await;
 }
+
+/// Mail collected from a mailbox is acknowledged to its sender with a Delivered receipt, so the
+/// sender's status moves on from "stored on N replicas" to "delivered".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sender_sees_delivered_once_the_recipient_collected() {
+    let servers = servers(6).await;
+    let boot = servers[0].addr.clone();
+    let (b_home, b_identity) = user_gone_offline(&boot).await;
+    let a = start(vec![boot.clone()]).await;
+    let b_public = b_identity.public();
+    let (id, _) = send_stored(&a, &b_public, "collect me").await;
+
+    let b = return_and_receive(b_home, b_identity, boot, &a.identity.public(), "collect me").await;
+    eventually("the sender's message is marked delivered", || {
+        a.handle
+            .storage()
+            .message(&b_public, Direction::Out, &id)
+            .ok()
+            .flatten()
+            .is_some_and(|(_, m)| m.status == Status::Delivered)
+    })
+    .await;
+
+    b.handle.shutdown().await;
+    a.handle.shutdown().await;
+    for s in &servers {
+        s.handle.shutdown().await;
+    }
+}
