@@ -57,6 +57,9 @@ pub(crate) enum Command {
     },
     /// Run the node in the foreground; other commands with the same --home talk to it.
     Run(NodeArgs),
+    /// Run as a home server: always-on DHT server, relay for friends behind NATs, mailbox
+    /// replica. Prints the addresses friends should bootstrap from.
+    Serve(ServeArgs),
     /// Show the configuration a node on this home runs with, and where each value comes from.
     Config(NodeArgs),
     /// Peer ID, addresses, NAT status, connected peers, routing table.
@@ -80,10 +83,11 @@ pub(crate) enum Command {
         #[arg(long)]
         follow: bool,
     },
-    /// An interactive conversation in the terminal (Enter sends, Esc quits).
+    /// An interactive conversation in the terminal (Enter sends, Esc quits); without TO, the
+    /// list of conversations to choose from.
     Chat {
-        /// A contact name or a user ID.
-        to: String,
+        /// A contact name or a user ID (none: the list of conversations).
+        to: Option<String>,
     },
     /// Print a shell completion script (e.g. `meshchat completions bash > ~/.local/share/bash-completion/completions/meshchat`).
     Completions {
@@ -93,7 +97,12 @@ pub(crate) enum Command {
     },
     /// Print the manual page (roff), e.g. `meshchat man | man -l -`.
     Man,
-    /// The local demonstration: a small mesh on this machine (not built yet: says what it will show).
+    /// Group channels: create, invite, join, send, members, leave, remove, list, invites.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// The local demonstration: a home server and four users on this machine (real nodes on
+    /// loopback, temporary homes), a 1:1 conversation, mail to an offline user collected later,
+    /// a group conversation, each step timed.
     Demo,
 }
 
@@ -110,9 +119,18 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
     pub(crate) bootstrap: Vec<Multiaddr>,
     /// Local network only: find peers by mDNS, no bootstrap needed. Env MESHCHAT_LAN_ONLY; file
-    /// `lan_only`.
+    /// `lan_only`. A node with no bootstrap peers runs LAN-only anyway while mDNS is on.
     #[arg(long)]
     pub(crate) lan_only: bool,
+    /// Do not look for peers on the local network by mDNS (on by default when listening beyond
+    /// loopback). Env MESHCHAT_MDNS=false; file `mdns = false`.
+    #[arg(long)]
+    pub(crate) no_mdns: bool,
+    /// This node's public address, when it cannot learn it itself (e.g. a home server behind
+    /// port forwarding: /ip4/PUBLIC_IP/tcp/4001). Repeatable. Env MESHCHAT_EXTERNAL
+    /// (comma-separated); file `external`.
+    #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+    pub(crate) external: Vec<Multiaddr>,
     /// Answer DHT queries and store records for others from the start, without waiting for a
     /// confirmed public address (a node others bootstrap from on a private network or loopback).
     /// Env MESHCHAT_DHT_SERVER; file `dht_server`.
@@ -122,6 +140,14 @@ pub(crate) struct NodeArgs {
     /// (1 to 240). Env MESHCHAT_SEND_TIMEOUT; file `send_timeout_secs`.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=240))]
     pub(crate) send_timeout: Option<u64>,
+}
+
+/// `meshchat serve`: the node's settings; a home server listens on port 4001 (TCP and QUIC)
+/// on all interfaces unless told otherwise.
+#[derive(Debug, Args, Default, Clone)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,4 +180,53 @@ fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
     s.parse::<Multiaddr>().map_err(|e| {
         format!("not a multiaddr ({e}); it looks like /ip4/192.0.2.1/tcp/4001/p2p/12D3KooW…")
     })
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GroupCommand {
+    /// Create a group; you are its first member and admin.
+    Create {
+        /// Its name (shown to members; 1 to 100 bytes).
+        name: String,
+    },
+    /// Add a contact to a group and send them an invite over your 1:1 channel (admins only).
+    Invite {
+        /// The group: its name, its id, or the first 8+ hex digits of its id.
+        group: String,
+        /// A contact name or a user ID.
+        contact: String,
+    },
+    /// Join a group you were invited to (`meshchat group invites` lists the codes).
+    Join {
+        /// The invite code (16 hex digits).
+        invite: String,
+    },
+    /// Send a message to a group.
+    Send {
+        /// The group: its name, its id, or the first 8+ hex digits of its id.
+        group: String,
+        /// The text.
+        text: String,
+    },
+    /// List a group's members and their roles.
+    Members {
+        /// The group.
+        group: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: String,
+    },
+    /// Remove a member (admins only); everybody else switches to new keys.
+    Remove {
+        /// The group.
+        group: String,
+        /// A contact name or a user ID.
+        contact: String,
+    },
+    /// List the groups you are in.
+    List,
+    /// List the invites you received and have not answered.
+    Invites,
 }

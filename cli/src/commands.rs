@@ -58,12 +58,13 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Completions { shell } => return generate::completions(*shell),
         Command::Man => return generate::man(),
-        Command::Demo => return demo_plan(),
+        Command::Demo => return crate::demo::demo(Out { json: cli.json }).await,
         _ => {}
     }
     let home = home_dir(&cli)?;
     let flags = match &cli.command {
         Command::Run(a) | Command::Config(a) => a.clone(),
+        Command::Serve(a) => a.node.clone(),
         _ => NodeArgs::default(),
     };
     let settings = Settings::load(&home, &flags, cli.log_level.as_deref())?;
@@ -80,6 +81,7 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Init { restore } => init(&ctx, restore).await,
         Command::Id { qr } => id(&ctx, qr).await,
         Command::Run(args) => run_node(&ctx, args).await,
+        Command::Serve(args) => crate::serve::serve(&ctx, args).await,
         Command::Config(_) => {
             ctx.out.emit(ctx.settings.to_text(), ctx.settings.to_json());
             Ok(exit::OK)
@@ -89,27 +91,9 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Send { to, text } => send(&ctx, to, text).await,
         Command::Inbox { wait, follow } => inbox(&ctx, wait, follow).await,
         Command::Chat { to } => crate::chat::chat(&ctx, to).await,
+        Command::Group(g) => crate::group::group(&ctx, g).await,
         Command::Completions { .. } | Command::Man | Command::Demo => Ok(exit::OK),
     }
-}
-
-/// `meshchat demo` until the demonstration is built (issue "The meshchat experience"): say
-/// plainly that it is not there yet, what it will show, and how to try the same by hand.
-fn demo_plan() -> Result<u8, Failure> {
-    println!(
-        "meshchat demo is not built yet. When it is, it will start a small mesh on this machine \
-         (a home server and a few users, real nodes on loopback, each with its own home in a \
-         temporary folder) and show, with timings: a 1:1 conversation, a message to a user who is \
-         offline collected later from the mailbox, and a group conversation.\n\n\
-         What works today, by hand (two terminals; see README.md, \"Using it\"):\n  \
-         meshchat --home /tmp/a init && meshchat --home /tmp/b init\n  \
-         meshchat --home /tmp/a run --listen /ip4/127.0.0.1/tcp/4001 --dht-server\n  \
-         meshchat --home /tmp/b run --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/PEER_ID_PRINTED_BY_A\n  \
-         meshchat --home /tmp/a contact add bob $(meshchat --home /tmp/b id)\n  \
-         meshchat --home /tmp/b contact add alice $(meshchat --home /tmp/a id)\n  \
-         meshchat --home /tmp/a send bob hello && meshchat --home /tmp/b inbox"
-    );
-    Ok(exit::OK)
 }
 
 const PHRASE_WARNING: &str = "Write these 24 words down, in order, and keep them somewhere safe \
@@ -239,7 +223,7 @@ fn unexpected(r: &ControlResponse) -> Failure {
     )
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -501,7 +485,7 @@ async fn send(ctx: &Ctx, to: String, text: String) -> Result<u8, Failure> {
 async fn inbox(ctx: &Ctx, wait: Option<u32>, follow: bool) -> Result<u8, Failure> {
     let waiting = follow || wait.is_some();
     let mut conn = if waiting {
-        Conn::for_network(&ctx.home, &ctx.settings, ctx.progress()).await?
+        Conn::for_mail(&ctx.home, &ctx.settings, ctx.progress()).await?
     } else {
         Conn::for_storage(&ctx.home).await?
     };

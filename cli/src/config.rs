@@ -43,8 +43,16 @@ pub(crate) const TEMPLATE: &str = r#"# meshchat configuration for this home. Eve
 # Answer DHT queries and store records for others from the start.
 # dht_server = false
 
-# Local network only: find peers by mDNS.
+# Local network only: find peers by mDNS, no bootstrap node, no relays. A node with no
+# bootstrap peers runs this way anyway while mDNS is on.
 # lan_only = false
+
+# Look for peers on the local network by mDNS (only when listening beyond loopback).
+# mdns = true
+
+# This node's public address(es), when it cannot learn them itself (a home server behind
+# port forwarding). Full multiaddrs without /p2p/.
+# external = ["/ip4/203.0.113.7/tcp/4001"]
 
 # How long a send tries to reach the recipient before it reports "queued" (1 to 240).
 # send_timeout_secs = 10
@@ -61,6 +69,8 @@ struct FileConfig {
     bootstrap: Option<Vec<Spanned<String>>>,
     dht_server: Option<bool>,
     lan_only: Option<bool>,
+    mdns: Option<bool>,
+    external: Option<Vec<Spanned<String>>>,
     send_timeout_secs: Option<Spanned<u64>>,
     log_level: Option<Spanned<String>>,
 }
@@ -102,6 +112,10 @@ pub(crate) struct Settings {
     pub(crate) bootstrap: Setting<Vec<Multiaddr>>,
     pub(crate) dht_server: Setting<bool>,
     pub(crate) lan_only: Setting<bool>,
+    /// mDNS discovery (default on; only effective when listening beyond loopback).
+    pub(crate) mdns: Setting<bool>,
+    /// Public addresses given by the user.
+    pub(crate) external: Setting<Vec<Multiaddr>>,
     pub(crate) send_timeout: Setting<Duration>,
     /// None: chosen by -v.
     pub(crate) log_level: Setting<Option<String>>,
@@ -252,6 +266,10 @@ impl Settings {
             .bootstrap
             .map(|v| multiaddrs_from_file(&file, &text, v, "bootstrap"))
             .transpose()?;
+        let file_external = parsed
+            .external
+            .map(|v| multiaddrs_from_file(&file, &text, v, "external"))
+            .transpose()?;
         let file_timeout = match parsed.send_timeout_secs {
             None => None,
             Some(s) if SEND_TIMEOUT_SECS.contains(s.get_ref()) => Some(*s.get_ref()),
@@ -325,6 +343,18 @@ impl Settings {
                 parsed.lan_only,
                 false,
             ),
+            mdns: pick(
+                flags.no_mdns.then_some(false),
+                bool_from_env("MESHCHAT_MDNS")?,
+                parsed.mdns,
+                true,
+            ),
+            external: pick(
+                non_empty(&flags.external),
+                multiaddrs_from_env("MESHCHAT_EXTERNAL")?,
+                file_external,
+                Vec::new(),
+            ),
             send_timeout: {
                 let s = pick(
                     flags.send_timeout,
@@ -354,6 +384,10 @@ impl Settings {
     }
 
     /// The node configuration for this home.
+    ///
+    /// mDNS runs only when the node listens beyond loopback (a loopback-only node cannot be
+    /// reached from the LAN, and tests on one machine must not find each other). A node with
+    /// mDNS on and no bootstrap peers runs LAN-only: Kademlia server among the LAN's nodes.
     pub(crate) fn node_config(&self, home: &Path) -> NodeConfig {
         let mut config = NodeConfig::new(home.to_path_buf());
         if !self.listen.value.is_empty() {
@@ -361,7 +395,9 @@ impl Settings {
         }
         config.bootstrap = self.bootstrap.value.clone();
         config.dht_server = self.dht_server.value;
-        config.lan_only = self.lan_only.value;
+        config.external = self.external.value.clone();
+        config.mdns = self.mdns.value && config.listen.iter().any(|a| !is_loopback(a));
+        config.lan_only = self.lan_only.value || (config.mdns && config.bootstrap.is_empty());
         config.send_timeout = self.send_timeout.value;
         config
     }
@@ -376,6 +412,8 @@ impl Settings {
             "bootstrap": strings(&self.bootstrap.value),
             "dht_server": self.dht_server.value,
             "lan_only": self.lan_only.value,
+            "mdns": self.mdns.value,
+            "external": strings(&self.external.value),
             "send_timeout_secs": self.send_timeout.value.as_secs(),
             "log_level": self.log_level.value,
             "sources": {
@@ -383,6 +421,8 @@ impl Settings {
                 "bootstrap": self.bootstrap.source.to_string(),
                 "dht_server": self.dht_server.source.to_string(),
                 "lan_only": self.lan_only.source.to_string(),
+                "mdns": self.mdns.source.to_string(),
+                "external": self.external.source.to_string(),
                 "send_timeout_secs": self.send_timeout.source.to_string(),
                 "log_level": self.log_level.source.to_string(),
             },
@@ -408,7 +448,9 @@ impl Settings {
              listen ({}):{}\n\
              bootstrap ({}):{}\n\
              dht_server ({}): {}\n\
-             lan_only ({}): {}\n\
+             lan_only ({}): {}{}\n\
+             mdns ({}): {}\n\
+             external ({}):{}\n\
              send_timeout_secs ({}): {}\n\
              log_level ({}): {}",
             self.file.display(),
@@ -423,11 +465,29 @@ impl Settings {
             self.dht_server.value,
             self.lan_only.source,
             self.lan_only.value,
+            if !self.lan_only.value && self.mdns.value && self.bootstrap.value.is_empty() {
+                " (no bootstrap peers: runs LAN-only while mDNS finds its peers)"
+            } else {
+                ""
+            },
+            self.mdns.source,
+            self.mdns.value,
+            self.external.source,
+            list(&self.external.value, " (none)"),
             self.send_timeout.source,
             self.send_timeout.value.as_secs(),
             self.log_level.source,
             self.log_level.value.as_deref().unwrap_or("(chosen by -v)"),
         )
+    }
+}
+
+/// Whether `addr` listens on loopback only.
+fn is_loopback(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(libp2p::multiaddr::Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(libp2p::multiaddr::Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
     }
 }
 
@@ -519,6 +579,51 @@ mod tests {
         let parsed: FileConfig = toml::from_str(TEMPLATE).expect("template parses");
         assert!(parsed.listen.is_none() && parsed.bootstrap.is_none());
         assert!(parsed.log_level.is_none() && parsed.send_timeout_secs.is_none());
+        assert!(parsed.mdns.is_none() && parsed.external.is_none());
+    }
+
+    #[test]
+    fn mdns_needs_a_listener_beyond_loopback_and_no_bootstrap_means_lan_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path();
+        let config = |flags: &NodeArgs| {
+            Settings::load(home, flags, None)
+                .expect("settings")
+                .node_config(home)
+        };
+        // Defaults: all interfaces, no bootstrap: mDNS on, LAN-only.
+        let c = config(&NodeArgs::default());
+        assert!(c.mdns && c.lan_only && c.force_dht_server());
+        // Loopback only: no mDNS, so not LAN-only either.
+        let c = config(&NodeArgs {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            ..NodeArgs::default()
+        });
+        assert!(!c.mdns && !c.lan_only);
+        // A bootstrap peer: the internet as usual, LAN peers still found by mDNS.
+        let c = config(&NodeArgs {
+            bootstrap: vec![
+                "/ip4/192.0.2.1/tcp/4001/p2p/12D3KooWBQ58zWXNYqJ5jiHWi5KiE5DHZXBwMN6zdzYpqFL7vQYq"
+                    .parse()
+                    .expect("addr"),
+            ],
+            ..NodeArgs::default()
+        });
+        assert!(c.mdns && !c.lan_only);
+        // mDNS off: never LAN-only by itself, but `--lan-only` still is.
+        let c = config(&NodeArgs {
+            no_mdns: true,
+            ..NodeArgs::default()
+        });
+        assert!(!c.mdns && !c.lan_only);
+        let c = config(&NodeArgs {
+            no_mdns: true,
+            lan_only: true,
+            external: vec!["/ip4/203.0.113.7/tcp/4001".parse().expect("addr")],
+            ..NodeArgs::default()
+        });
+        assert!(!c.mdns && c.lan_only);
+        assert_eq!(c.external.len(), 1);
     }
 
     #[test]

@@ -11,9 +11,10 @@ use std::{
 
 use meshchat_node::{
     control::{self, Client, ControlError, ControlRequest, ControlResponse, StorageBackend},
-    storage::{Storage, StorageErrorKind},
-    Node, NodeHandle,
+    storage::{Direction, Storage, StorageErrorKind},
+    Node, NodeEvent, NodeHandle,
 };
+use tokio::sync::broadcast;
 
 use meshchat_protocol::UserId;
 
@@ -27,6 +28,9 @@ use crate::{
 const WARM_UP: Duration = Duration::from_secs(5);
 /// Extra time a client gives the node beyond the node's own request timeout.
 const CLIENT_SLACK: Duration = Duration::from_secs(10);
+/// How long a command waits for its node's first mail collection before going on (the
+/// collection goes on in the background).
+const COLLECT_WAIT: Duration = Duration::from_secs(20);
 
 /// A way to answer control requests for one home.
 pub(crate) enum Conn {
@@ -99,6 +103,26 @@ impl Conn {
         settings: &Settings,
         progress: bool,
     ) -> Result<Conn, Failure> {
+        Self::network(home, settings, progress, false).await
+    }
+
+    /// As [`Conn::for_network`], for commands that show mail (`inbox --wait`/`--follow`, `chat`):
+    /// a node started for the command first collects what waits in its mailboxes, with a
+    /// progress line and its result.
+    pub(crate) async fn for_mail(
+        home: &Path,
+        settings: &Settings,
+        progress: bool,
+    ) -> Result<Conn, Failure> {
+        Self::network(home, settings, progress, true).await
+    }
+
+    async fn network(
+        home: &Path,
+        settings: &Settings,
+        progress: bool,
+        collect: bool,
+    ) -> Result<Conn, Failure> {
         require_initialised(home)?;
         if let Some(c) = running(home).await? {
             return Ok(Conn::Remote(c));
@@ -111,7 +135,12 @@ impl Conn {
         // Other commands on this home reach this node meanwhile.
         config.serve_control = true;
         let handle = Node::start(config).await.map_err(Failure::from)?;
-        warm_up(&handle, p).await;
+        // Counts what arrives from now on, including the node's own first collection.
+        let events = handle.subscribe();
+        let connected = warm_up(&handle, p).await;
+        if collect && connected {
+            collect_mail(&handle, events, progress).await;
+        }
         Ok(Conn::Node(handle))
     }
 
@@ -164,17 +193,6 @@ impl Conn {
         ))
     }
 
-    /// Another connection to the same node, for a request that runs beside this one's (a
-    /// stream, a periodic status). Dropped, not closed: closing the original stops a node this
-    /// command started.
-    pub(crate) async fn fork(&self, home: &Path) -> Result<Conn, Failure> {
-        Ok(match self {
-            Conn::Remote(_) => Conn::Remote(Client::connect(home).await?),
-            Conn::Node(h) => Conn::Node(h.clone()),
-            Conn::Storage(b) => Conn::Storage(b.clone()),
-        })
-    }
-
     /// Stop a node this command started (its outbox stays on disk for the next node).
     pub(crate) async fn close(self) {
         if let Conn::Node(handle) = self {
@@ -190,8 +208,9 @@ fn finish(r: ControlResponse) -> Result<ControlResponse, Failure> {
     }
 }
 
-/// Give a freshly started node a moment to reach its first peers (bootstrap or mDNS).
-async fn warm_up(handle: &NodeHandle, progress: Progress) {
+/// Give a freshly started node a moment to reach its first peers (bootstrap or mDNS); whether
+/// it did.
+async fn warm_up(handle: &NodeHandle, progress: Progress) -> bool {
     let deadline = tokio::time::Instant::now() + WARM_UP;
     progress.step("Connecting to the network…");
     while tokio::time::Instant::now() < deadline {
@@ -200,14 +219,47 @@ async fn warm_up(handle: &NodeHandle, progress: Progress) {
                 let n = s.connected.len();
                 let peers = if n == 1 { "peer" } else { "peers" };
                 progress.finish(Some(&format!("Connected to {n} {peers}.")));
-                return;
+                return true;
             }
             Ok(_) => {}
-            Err(_) => return,
+            Err(_) => return false,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     progress.finish(Some("No peer reached yet; continuing anyway."));
+    false
+}
+
+/// Collect the mail waiting in the mailboxes of a freshly started node (it also does so by
+/// itself; this waits for a round to end and says what arrived since the node started).
+async fn collect_mail(
+    handle: &NodeHandle,
+    mut events: broadcast::Receiver<NodeEvent>,
+    progress: bool,
+) {
+    let p = Progress::start(progress, "Collecting mail…");
+    let round = tokio::time::timeout(COLLECT_WAIT, handle.collect_mail()).await;
+    let mut new = 0u64;
+    loop {
+        match events.try_recv() {
+            Ok(NodeEvent::MessageReceived(m)) if m.direction == Direction::In => new += 1,
+            Ok(_) => {}
+            Err(broadcast::error::TryRecvError::Lagged(n)) => new += n,
+            Err(_) => break,
+        }
+    }
+    let line = match round {
+        _ if new > 0 => {
+            let s = if new == 1 { "" } else { "s" };
+            format!("{new} new message{s}.")
+        }
+        Ok(Ok(r)) if r.replicas_answered > 0 => "No new mail.".to_owned(),
+        Ok(Ok(_)) => "No mailbox replica answered yet; mail is collected when one does.".to_owned(),
+        Ok(Err(_)) | Err(_) => {
+            "Mail is still being collected; it is shown as it arrives.".to_owned()
+        }
+    };
+    p.finish(Some(&line));
 }
 
 /// Check the addressee of a `send` before a node is started for it: a contact name or a valid

@@ -6,11 +6,14 @@ mod chat;
 mod commands;
 mod config;
 mod conn;
+mod demo;
 mod exit;
 mod generate;
+mod group;
 mod output;
 mod progress;
 mod qr;
+mod serve;
 
 use std::process::ExitCode;
 

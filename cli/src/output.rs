@@ -107,12 +107,23 @@ pub(crate) fn message_json(m: &MessageView) -> Value {
         "sent_at_ms": m.sent_at_ms,
         "received_at_ms": m.received_at_ms,
         "text": m.text,
+        "group_id": m.group_id,
+        "group_name": m.group_name,
     })
 }
 
 pub(crate) fn message_line(m: &MessageView) -> String {
     let from = m.peer_name.as_deref().unwrap_or(&m.peer_user_id);
-    format!("[{} UTC] {from}: {}", format_time(m.sent_at_ms), m.text)
+    let group = match (&m.group_name, &m.group_id) {
+        (Some(name), _) => format!("{name}/"),
+        (None, Some(id)) => format!("{}/", id.get(..16).unwrap_or(id)),
+        (None, None) => String::new(),
+    };
+    format!(
+        "[{} UTC] {group}{from}: {}",
+        format_time(m.sent_at_ms),
+        m.text
+    )
 }
 
 pub(crate) fn send_json(s: &SendView) -> Value {
@@ -160,6 +171,16 @@ pub(crate) fn status_json(s: &NodeStatusView) -> Value {
         "nat_status": s.nat_status,
         "relay_reservations": s.relay_reservations,
         "mailbox_replicas_held": s.mailbox_replicas_held,
+        "hole_punches_succeeded": s.reachability.hole_punches_succeeded,
+        "hole_punches_failed": s.reachability.hole_punches_failed,
+        "relay_server": s.reachability.relay_server.as_ref().map(|r| json!({
+            "reservations": r.reservations,
+            "circuits": r.circuits,
+            "reservations_refused": r.reservations_refused,
+            "circuits_refused": r.circuits_refused,
+        })),
+        "lan_only": s.reachability.lan_only,
+        "mdns": s.reachability.mdns,
     })
 }
 
@@ -184,14 +205,32 @@ pub(crate) fn status_text(s: &NodeStatusView) -> String {
             format!("{} {} ({how})", c.peer_id, c.addr)
         })
         .collect();
+    let r = &s.reachability;
+    let mode = match (r.lan_only, r.mdns) {
+        (true, _) => "LAN-only (peers found by mDNS)",
+        (false, true) => "internet, and the LAN by mDNS",
+        (false, false) => "internet",
+    };
+    let relay = match &r.relay_server {
+        None => String::new(),
+        Some(x) => format!(
+            "relay for others:      {} reservations, {} circuits ({} reservations and {} \
+             circuits refused)\n",
+            x.reservations, x.circuits, x.reservations_refused, x.circuits_refused
+        ),
+    };
     format!(
         "peer ID:               {}\nuser ID:               {}\nNAT status:            {}\n\
+         network:               {mode}\n\
+         hole punching:         {} succeeded, {} failed\n{relay}\
          routing table:         {} peers\nmailbox replicas held: {}\n\
          listen addresses:\n{}\nexternal addresses:\n{}\nrelay reservations:\n{}\n\
          connected peers ({}):\n{}",
         s.peer_id,
         s.user_id,
         s.nat_status,
+        r.hole_punches_succeeded,
+        r.hole_punches_failed,
         s.routing_table_size,
         s.mailbox_replicas_held,
         list(&s.listen_addrs),

@@ -4,6 +4,8 @@
 //! ```text
 //! cargo bench -p meshchat-node --bench direct                          # full run
 //! MESHCHAT_BENCH_QUICK=1 cargo bench -p meshchat-node --bench direct   # fewer samples
+//! MESHCHAT_BENCH_RSS=1 cargo bench -p meshchat-node --bench direct     # idle RSS only, with
+//!                                                                      # its breakdown
 //! ```
 //!
 //! Prints, for two nodes in one process over TCP + noise + yamux on 127.0.0.1:
@@ -12,7 +14,10 @@
 //!   size, and their ratio;
 //! - sustained durable messages per second with many sends in flight, and bare round trips per
 //!   second with as many in flight;
-//! - the resident memory (RSS) of a process running one idle node connected to a peer.
+//! - the resident memory (RSS) of a process running one idle node connected to a peer;
+//! - for reference, the p50 of one synced 498-byte RocksDB write on the same disk: a message
+//!   waits for two such syncs (the sender's commit and the recipient's), which no batching
+//!   removes from the latency of a single message.
 
 use std::{
     collections::HashMap,
@@ -323,6 +328,96 @@ async fn meshchat_sends(
     lat
 }
 
+/// Latencies of `n` synced single writes of [`PAYLOAD`] bytes to a fresh RocksDB.
+fn synced_writes(n: usize) -> Vec<Duration> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir.path()).expect("open rocksdb");
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    let value = vec![7u8; PAYLOAD];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        db.put_opt((i as u64).to_be_bytes(), &value, &wo)
+            .expect("synced write");
+        lat.push(t.elapsed());
+    }
+    lat
+}
+
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (clock ticks
+/// of 10 ms: read over runs of seconds).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+fn rss_only() -> bool {
+    std::env::var_os("MESHCHAT_BENCH_RSS").is_some()
+}
+
+/// Where the idle node's resident memory is: `smaps_rollup` and the largest mappings.
+fn print_rss_detail(pid: u32) {
+    if let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+        println!("{rollup}");
+    }
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return;
+    };
+    let mut maps: Vec<(u64, String)> = Vec::new();
+    let mut name = String::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            name = line
+                .split_whitespace()
+                .skip(5)
+                .collect::<Vec<_>>()
+                .join(" ");
+            if name.is_empty() {
+                name = "[anon]".into();
+            }
+        } else if first == "Rss:" {
+            let kib = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            maps.push((kib, name.clone()));
+        }
+    }
+    let mut by_name: HashMap<String, (u64, usize)> = HashMap::new();
+    for (kib, name) in &maps {
+        let e = by_name.entry(name.clone()).or_default();
+        e.0 += kib;
+        e.1 += 1;
+    }
+    let mut by_name: Vec<_> = by_name.into_iter().collect();
+    by_name.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    println!("RSS by mapping name (KiB, mappings):");
+    for (name, (kib, n)) in by_name.iter().take(12) {
+        println!("{kib:>8} {n:>5}  {name}");
+    }
+    maps.sort_by(|a, b| b.0.cmp(&a.0));
+    println!("largest single mappings (KiB):");
+    for (kib, name) in maps.iter().take(12) {
+        println!("{kib:>8}  {name}");
+    }
+    if let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        println!("threads: {}", entries.count());
+    }
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -352,6 +447,9 @@ async fn idle_rss(peer: &Multiaddr) -> u64 {
     std::io::BufRead::read_line(&mut out, &mut line).expect("child says ready");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss = rss_kib(child.id()).expect("read child RSS");
+    if rss_only() {
+        print_rss_detail(child.id());
+    }
     let _ = child.kill();
     let _ = child.wait();
     rss
@@ -368,6 +466,13 @@ async fn main() {
         println!("direct: run with `cargo bench -p meshchat-node --bench direct`");
         return;
     }
+    if rss_only() {
+        let a = start_node(Vec::new()).await;
+        let rss = idle_rss(&a.addr).await;
+        println!("idle node RSS: {:.1} MiB", rss as f64 / 1024.0);
+        a.handle.shutdown().await;
+        return;
+    }
     let (lat_n, tput_n) = if quick() { (200, 1000) } else { (1000, 5000) };
 
     // Bare request-response, same transport stack.
@@ -379,20 +484,26 @@ async fn main() {
     bare_round_trips(&mut client, peer, 50, 1).await; // warm-up
     let mut bare_lat = bare_round_trips(&mut client, peer, lat_n, 1).await;
     bare_lat.sort();
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_time());
     bare_round_trips(&mut client, peer, tput_n, WINDOW).await;
     let bare_tput = tput_n as f64 / t.elapsed().as_secs_f64();
+    let bare_cpu = (cpu_time() - cpu) / tput_n as u32;
 
     // meshchat direct delivery.
     let (a, b) = pair().await;
     meshchat_sends(&a, &b, 20, 1).await; // warm-up
     let mut mc_lat = meshchat_sends(&a, &b, lat_n, 1).await;
     mc_lat.sort();
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_time());
     meshchat_sends(&a, &b, tput_n, WINDOW).await;
     let mc_tput = tput_n as f64 / t.elapsed().as_secs_f64();
+    let mc_cpu = (cpu_time() - cpu) / tput_n as u32;
 
     let rss = idle_rss(&a.addr).await;
+    let mut sync_lat = tokio::task::spawn_blocking(move || synced_writes(lat_n))
+        .await
+        .expect("sync task");
+    sync_lat.sort();
 
     let (b50, b99) = (percentile(&bare_lat, 0.5), percentile(&bare_lat, 0.99));
     let (m50, m99) = (percentile(&mc_lat, 0.5), percentile(&mc_lat, 0.99));
@@ -424,6 +535,18 @@ async fn main() {
         mc_tput / bare_tput
     );
     println!("latency: {lat_n} sequential sends; throughput: {tput_n} sends, {WINDOW} in flight");
+    println!(
+        "CPU time of the whole process per message in the throughput runs: bare {:.0} µs, \
+         meshchat {:.0} µs (both nodes; {} cores)",
+        bare_cpu.as_secs_f64() * 1e6,
+        mc_cpu.as_secs_f64() * 1e6,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "one synced {PAYLOAD} B RocksDB write on this disk: p50 {:.3} ms, p99 {:.3} ms",
+        ms(percentile(&sync_lat, 0.5)),
+        ms(percentile(&sync_lat, 0.99))
+    );
     println!(
         "idle node RSS: {:.1} MiB (one node, one peer, 5 s idle)",
         rss as f64 / 1024.0

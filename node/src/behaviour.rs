@@ -1,6 +1,8 @@
 //! The composed libp2p [`NetworkBehaviour`] and the swarm that runs it: TCP and QUIC, noise,
-//! yamux, DNS; block list, connection and memory limits, identify, ping, Kademlia on the private
-//! protocol `/meshchat/kad/1.0.0`, and direct delivery. See `docs/architecture.md`, "Network".
+//! yamux, DNS, circuit relay v2 (client always, server on home servers); block list, connection
+//! and memory limits, identify, ping, Kademlia on the private protocol `/meshchat/kad/1.0.0`,
+//! direct delivery, mailboxes, gossipsub for group channels, DCUtR hole punching, AutoNAT v2
+//! and mDNS (when enabled). See `docs/architecture.md`, "Network".
 //!
 //! Order matters: the block list and the limits come first so that a refused connection is
 //! refused before any other behaviour sets up state for it.
@@ -8,11 +10,11 @@
 use std::num::NonZeroUsize;
 
 use libp2p::{
-    allow_block_list, connection_limits, identify,
+    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify,
     identity::Keypair,
     kad::{self, store::MemoryStore, store::MemoryStoreConfig},
-    memory_connection_limits, noise, ping, request_response,
-    swarm::NetworkBehaviour,
+    mdns, memory_connection_limits, noise, ping, relay, request_response,
+    swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
     tcp, yamux, StreamProtocol, Swarm,
 };
 use meshchat_protocol::{envelope::Envelope, MailboxRequest, MailboxResponse};
@@ -25,6 +27,8 @@ use crate::{
 
 /// The Kademlia protocol id: a private DHT, separate from the public IPFS one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshchat/kad/1.0.0");
+/// How long establishing a connection (transport, noise, yamux) may take.
+pub(crate) const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7);
 /// The identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/meshchat/id/1.0.0";
 
@@ -35,6 +39,12 @@ pub(crate) type DirectBehaviour =
 /// The mailbox behaviour (`/meshchat/mailbox/1.0.0`).
 pub(crate) type MailboxBehaviour =
     request_response::Behaviour<direct::Codec<MailboxRequest, MailboxResponse>>;
+
+/// The gossipsub behaviour: group channels, with a raised topic limit.
+pub(crate) type GossipBehaviour = gossipsub::Behaviour<
+    gossipsub::IdentityTransform,
+    gossipsub::MaxCountSubscriptionFilter<gossipsub::AllowAllSubscriptionFilter>,
+>;
 
 /// Everything the node speaks.
 #[derive(NetworkBehaviour)]
@@ -47,10 +57,24 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) direct: DirectBehaviour,
     pub(crate) mailbox: MailboxBehaviour,
+    pub(crate) gossipsub: GossipBehaviour,
+    pub(crate) relay_client: relay::client::Behaviour,
+    /// Only on home servers (`meshchat serve`).
+    pub(crate) relay_server: Toggle<relay::Behaviour>,
+    pub(crate) dcutr: dcutr::Behaviour,
+    pub(crate) autonat_client: autonat::v2::client::Behaviour,
+    /// Only on nodes that may be dialled back (home servers, DHT servers).
+    pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour>,
+    /// Only when enabled ([`NodeConfig::mdns`]).
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 impl Behaviour {
-    fn new(key: &Keypair, config: &NodeConfig) -> Self {
+    fn new(
+        key: &Keypair,
+        relay_client: relay::client::Behaviour,
+        config: &NodeConfig,
+    ) -> Result<Self, NodeError> {
         let l = &config.limits;
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::ConnectionLimits::default()
@@ -106,7 +130,27 @@ impl Behaviour {
                 .with_max_concurrent_streams(l.max_direct_streams),
         );
 
-        Self {
+        let gossipsub = crate::event_loop::gossipsub_behaviour(config)?;
+        let relay_server = Toggle::from(config.home_server.then(|| {
+            relay::Behaviour::new(peer_id, crate::event_loop::relay_server_config(config))
+        }));
+        let autonat_server = Toggle::from(
+            config
+                .force_dht_server()
+                .then(autonat::v2::server::Behaviour::default),
+        );
+        let mdns = if config.mdns {
+            let m = mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| {
+                NodeError::Transport {
+                    reason: format!("mDNS: {e}"),
+                }
+            })?;
+            Toggle::from(Some(m))
+        } else {
+            Toggle::from(None)
+        };
+
+        Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
             memory: memory_connection_limits::Behaviour::with_max_percentage(l.max_memory_fraction),
@@ -115,12 +159,56 @@ impl Behaviour {
             kad,
             direct,
             mailbox,
-        }
+            gossipsub,
+            relay_client,
+            relay_server,
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat_client: autonat::v2::client::Behaviour::default(),
+            autonat_server,
+            mdns,
+        })
     }
 }
 
-/// Build the swarm: TCP (noise, yamux) and QUIC, DNS resolution, the composed behaviour, and the
-/// raised idle-connection timeout.
+/// The in-process memory transport (`/memory/N` addresses; noise and yamux as over TCP), only
+/// for a node that listens on such an address: `simulations/` runs a thousand real nodes in one
+/// process, more connections than its file descriptors allow over loopback TCP. Any other node
+/// gets a transport that dials and listens on nothing.
+fn memory_transport(
+    key: &Keypair,
+    config: &NodeConfig,
+) -> Result<
+    libp2p::core::transport::Boxed<(libp2p::PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    noise::Error,
+> {
+    use libp2p::{
+        core::{
+            muxing::StreamMuxerBox,
+            transport::{MemoryTransport, OptionalTransport},
+            upgrade::Version,
+        },
+        multiaddr::Protocol,
+        Transport,
+    };
+    let wanted = config
+        .listen
+        .iter()
+        .any(|a| matches!(a.iter().next(), Some(Protocol::Memory(_))));
+    let memory = if wanted {
+        OptionalTransport::some(MemoryTransport::default())
+    } else {
+        OptionalTransport::none()
+    };
+    Ok(memory
+        .upgrade(Version::V1)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
+}
+
+/// Build the swarm: TCP (noise, yamux) and QUIC, DNS resolution, the relay client transport,
+/// the composed behaviour, and the raised idle-connection timeout.
 pub(crate) fn build_swarm(
     keypair: Keypair,
     config: &NodeConfig,
@@ -138,14 +226,28 @@ pub(crate) fn build_swarm(
         )
         .map_err(|e| transport_err(&e))?
         .with_quic()
+        .with_other_transport(|key| {
+            memory_transport(key, config)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| transport_err(&e))?
         .with_dns()
         .map_err(|e| transport_err(&e))?
-        .with_behaviour(|key| Behaviour::new(key, config))
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|key, relay_client| {
+            Behaviour::new(key, relay_client, config)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
         .map_err(|e| transport_err(&e))?
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(idle)
                 .with_notify_handler_buffer_size(NonZeroUsize::new(32).expect("invariant: 32 > 0"))
         })
+        // Below AutoNAT v2's 10 s per request: a dial-back to a NAT that silently drops it then
+        // fails in time to be reported as unreachable (otherwise the client never gets a
+        // verdict and asks again every 5 s).
+        .with_connection_timeout(CONNECTION_TIMEOUT)
         .build();
     Ok(swarm)
 }

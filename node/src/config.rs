@@ -24,13 +24,26 @@ pub struct NodeConfig {
     /// Addresses this node is known to be reachable at (`serve --external`); they are confirmed
     /// as external addresses at start.
     pub external: Vec<Multiaddr>,
-    /// LAN-only operation: no bootstrap needed, Kademlia forced into server mode.
+    /// LAN-only operation: no bootstrap needed, Kademlia forced into server mode, no relays.
     pub lan_only: bool,
-    /// A home server (`meshchat serve`): always-on DHT server.
+    /// A home server (`meshchat serve`): always-on DHT server, relay server with
+    /// [`NodeConfig::relay`]'s limits, AutoNAT server. Without [`NodeConfig::external`] it
+    /// takes its publicly routable listen addresses as external (and, when `lan_only`, its
+    /// LAN ones).
     pub home_server: bool,
     /// Force Kademlia server mode even without a confirmed external address (tests on
     /// loopback, private networks). Implied by `lan_only` and `home_server`.
     pub dht_server: bool,
+    /// Discover peers on the local network by mDNS (LAN-only clusters). Default: off here;
+    /// the CLI decides (see `docs/operations.md`).
+    pub mdns: bool,
+    /// How many relays a node that is not known to be publicly reachable keeps a reservation
+    /// on (circuit relay v2), so that peers can reach it through them. Default
+    /// [`DEFAULT_RELAY_RESERVATIONS`]; 0 never reserves. Home servers and LAN-only nodes never
+    /// reserve.
+    pub relay_reservations: usize,
+    /// The relay server's limits (only used by home servers, [`NodeConfig::home_server`]).
+    pub relay: RelayLimits,
     /// Serve the control socket (`home/control.sock`) for the CLI.
     pub serve_control: bool,
     /// How long `send_text` tries to reach the recipient directly before it reports the message
@@ -41,6 +54,9 @@ pub struct NodeConfig {
     /// Offline delivery: replicas per envelope, quorum, collection and repair intervals, and
     /// the replica store's quotas (see [`crate::mailbox::Config`]).
     pub mailbox: crate::mailbox::Config,
+    /// Group channels: gossipsub duplicate window, heartbeat, mailbox collection (see
+    /// [`crate::groups::Config`]).
+    pub groups: crate::groups::Config,
 }
 
 impl NodeConfig {
@@ -61,10 +77,14 @@ impl NodeConfig {
             lan_only: false,
             home_server: false,
             dht_server: false,
+            mdns: false,
+            relay_reservations: DEFAULT_RELAY_RESERVATIONS,
+            relay: RelayLimits::default(),
             serve_control: false,
             send_timeout: DEFAULT_SEND_TIMEOUT,
             limits: Limits::default(),
             mailbox: crate::mailbox::Config::default(),
+            groups: crate::groups::Config::default(),
         }
     }
 
@@ -77,6 +97,50 @@ impl NodeConfig {
 
 /// Default for [`NodeConfig::send_timeout`].
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for [`NodeConfig::relay_reservations`]: two relays, so that losing one leaves the
+/// node reachable while it finds another.
+pub const DEFAULT_RELAY_RESERVATIONS: usize = 2;
+
+/// What a home server's relay (circuit relay v2) grants, with defaults raised for chat from
+/// libp2p's (2 minutes and 128 KiB per circuit) but still bounded. On top of these, libp2p's
+/// rate limits apply: per peer, 30 reservations and 30 circuits in a burst, then one every
+/// 2 minutes; per IP address, 60 in a burst, then one a minute. See `docs/operations.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayLimits {
+    /// Reservations held for all peers together. Default 128.
+    pub max_reservations: usize,
+    /// Reservations one peer may hold (at least 1). Default 2.
+    pub max_reservations_per_peer: usize,
+    /// How long a reservation lasts before the peer must renew it (peers renew by themselves).
+    /// Default 1 hour.
+    pub reservation_duration: Duration,
+    /// Circuits relayed at once, for all peers. Default 64.
+    pub max_circuits: usize,
+    /// Circuits one peer may have open (as either end) when it opens another (at least 1).
+    /// Default 8.
+    pub max_circuits_per_peer: usize,
+    /// How long one circuit may last; the peers then reconnect (or have upgraded to a direct
+    /// connection by hole punching). Default 30 minutes.
+    pub max_circuit_duration: Duration,
+    /// Bytes one circuit may carry, both directions together. Default 64 MiB.
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_reservations_per_peer: 2,
+            reservation_duration: Duration::from_secs(60 * 60),
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            max_circuit_duration: Duration::from_secs(30 * 60),
+            max_circuit_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
 
 /// Connection, memory and record-store limits, with their defaults.
 #[derive(Debug, Clone)]
@@ -149,5 +213,19 @@ mod tests {
             ..NodeConfig::new("/tmp/x")
         };
         assert!(lan.force_dht_server());
+    }
+
+    #[test]
+    fn relay_limits_are_raised_for_chat_but_bounded() {
+        let l = RelayLimits::default();
+        assert!(l.max_circuit_duration >= Duration::from_secs(30 * 60));
+        assert!(l.max_circuit_bytes >= 64 * 1024 * 1024);
+        assert!(l.max_circuit_duration <= Duration::from_secs(u64::from(u32::MAX)));
+        assert!(l.max_reservations > 0 && l.max_reservations_per_peer > 0);
+        assert!(l.max_circuits > 0 && l.max_circuits_per_peer > 0);
+        assert_eq!(
+            NodeConfig::new("/tmp/x").relay_reservations,
+            DEFAULT_RELAY_RESERVATIONS
+        );
     }
 }

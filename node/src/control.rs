@@ -20,6 +20,7 @@
 //! ([`MAX_CONNECTIONS`]); each request has a timeout; an idle connection is closed.
 
 use std::{
+    collections::HashMap,
     fmt, fs, io,
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -37,6 +38,7 @@ use tokio::{
     task::JoinHandle,
 };
 
+use crate::groups::{GroupSendReport, GroupView, InviteView, MemberView};
 use crate::storage::{
     self, Contact, Direction, MessageFilter, Status, Storage, StorageError, StorageErrorKind,
     StoredMessage,
@@ -68,6 +70,16 @@ pub const MAX_LIST_ITEMS: usize = 100_000;
 const INBOX_BATCH: usize = 1024;
 /// Lists inside one response (addresses, connected peers) are cut to this many entries.
 pub const MAX_STATUS_LIST: usize = 256;
+/// Message ids in one `MarkRead` (one read receipt's worth).
+pub const MAX_MARK_READ_IDS: usize = meshchat_protocol::content::MAX_RECEIPT_IDS;
+/// Our messages whose status a followed `Conversation` watches (the most recent ones).
+const MAX_WATCHED_STATUSES: usize = 1024;
+/// A followed `Conversation` re-reads storage at least this often (a missed event, a message
+/// sent by another command).
+const CONVERSATION_RESCAN: Duration = Duration::from_secs(3);
+/// The text of a conversation's last message in a `Conversations` item is cut to this many
+/// characters.
+pub const MAX_PREVIEW_CHARS: usize = 120;
 
 /// The path of the control socket of `home`.
 pub fn socket_path(home: &Path) -> PathBuf {
@@ -128,6 +140,92 @@ pub enum ControlRequest {
     },
     /// Stop the node ([`ControlResponse::Done`]).
     Shutdown,
+    /// One conversation, both directions, in conversation order: [`ControlResponse::Message`]
+    /// items; with `follow`, then new messages of either direction and
+    /// [`ControlResponse::MessageStatus`] for every status change of our messages, as they
+    /// happen, until the client leaves; then [`ControlResponse::End`]. Nothing is marked read
+    /// (that is `MarkRead`, once the user has seen them).
+    Conversation {
+        /// A contact name or a user ID.
+        peer: String,
+        /// Only messages after this arrival index.
+        after_index: Option<u64>,
+        /// Only the last this many messages of the listing (at most [`MAX_LIST_ITEMS`]).
+        last: Option<u32>,
+        /// Keep streaming new messages and status changes until the client disconnects.
+        follow: bool,
+    },
+    /// Every conversation (contacts, and user IDs we exchanged messages with), most recent
+    /// first, then contacts without messages by name: [`ControlResponse::Conversation`] items
+    /// then [`ControlResponse::End`].
+    Conversations,
+    /// The user has seen these incoming messages from `peer`: mark them read and, for 1:1
+    /// messages, tell the sender (a read receipt, best effort) ([`ControlResponse::Done`]). Ids
+    /// that are not incoming messages from `peer` are ignored.
+    MarkRead {
+        /// A contact name or a user ID.
+        peer: String,
+        /// Message ids, 32 hex digits each; 1 to [`MAX_MARK_READ_IDS`].
+        ids: Vec<String>,
+    },
+    /// One group's messages, as `Conversation` (items are [`ControlResponse::Message`] with the
+    /// author as `peer_user_id`, and with `follow` [`ControlResponse::MessageStatus`] for ours).
+    /// Group messages are marked read with `MarkRead` and their author as `peer` (no receipt
+    /// is sent for them).
+    GroupConversation {
+        /// The group's name, its id (64 hex digits) or an unambiguous prefix of 8 or more.
+        group: String,
+        /// Only the last this many messages of the listing (at most [`MAX_LIST_ITEMS`]).
+        last: Option<u32>,
+        /// Keep streaming new messages and status changes until the client disconnects.
+        follow: bool,
+    },
+    /// Create a group ([`ControlResponse::Group`]).
+    GroupCreate {
+        /// Its name, 1 to 100 bytes.
+        name: String,
+    },
+    /// Add a contact to a group and send them an invite ([`ControlResponse::Invite`]).
+    GroupInvite {
+        /// The group: name, id, or id prefix of at least 8 hex digits.
+        group: String,
+        /// A contact name or a user ID.
+        contact: String,
+    },
+    /// Invites received and not answered: [`ControlResponse::Invite`] items then
+    /// [`ControlResponse::End`].
+    GroupInvites,
+    /// Join a group by the code of a pending invite ([`ControlResponse::Group`]).
+    GroupJoin {
+        /// The invite code (16 hex digits).
+        code: String,
+    },
+    /// Send a text to a group ([`ControlResponse::GroupSent`]).
+    GroupSend {
+        /// The group.
+        group: String,
+        /// The text.
+        text: String,
+    },
+    /// A group's members: [`ControlResponse::Member`] items then [`ControlResponse::End`].
+    GroupMembers {
+        /// The group.
+        group: String,
+    },
+    /// Leave a group ([`ControlResponse::Done`]).
+    GroupLeave {
+        /// The group.
+        group: String,
+    },
+    /// Remove a member from a group ([`ControlResponse::Done`]).
+    GroupRemove {
+        /// The group.
+        group: String,
+        /// A contact name or a user ID.
+        contact: String,
+    },
+    /// The groups we are in: [`ControlResponse::Group`] items then [`ControlResponse::End`].
+    GroupList,
 }
 impl_wire!(ControlRequest, MAX_FRAME_BYTES);
 
@@ -305,6 +403,61 @@ pub struct MessageView {
     pub text: String,
     /// Its status before this listing.
     pub status: StatusView,
+    /// The group it was sent in (64 hex digits), `None` for a 1:1 message.
+    pub group_id: Option<String>,
+    /// That group's name, if this home still knows the group.
+    pub group_name: Option<String>,
+}
+
+/// A status change of one of our messages (an item of a followed `Conversation`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageStatusView {
+    /// The message id, hex (as in its [`MessageView`]).
+    pub id: String,
+    /// The recipient's user ID.
+    pub peer_user_id: String,
+    /// The new status.
+    pub status: StatusView,
+}
+
+/// Who a conversation is with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConversationWith {
+    /// One person.
+    Peer {
+        /// Their user ID.
+        user_id: String,
+        /// Their contact name, if a contact.
+        name: Option<String>,
+        /// The contact's safety number was confirmed.
+        verified: bool,
+    },
+    /// A group we are in.
+    Group {
+        /// The group id, 64 hex digits.
+        id: String,
+        /// Its name.
+        name: String,
+        /// How many members it has.
+        members: u64,
+    },
+}
+
+/// One conversation in the list of conversations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationView {
+    /// The person or group.
+    pub with: ConversationWith,
+    /// Messages in the conversation, both directions.
+    pub messages: u64,
+    /// Incoming messages not read yet.
+    pub unread: u64,
+    /// The last message's time (the sender's clock), ms; `None` without messages.
+    pub last_at_ms: Option<u64>,
+    /// The last message's text, cut to [`MAX_PREVIEW_CHARS`] characters.
+    pub last_text: Option<String>,
+    /// The last message is ours.
+    pub last_outgoing: bool,
 }
 
 /// A connected peer in a status.
@@ -339,6 +492,36 @@ pub struct NodeStatusView {
     pub relay_reservations: Vec<String>,
     /// Mailbox envelopes held for others.
     pub mailbox_replicas_held: u64,
+    /// Hole punching, relay serving, LAN mode.
+    pub reachability: ReachabilityView,
+}
+
+/// The rest of the reachability part of the status (see `docs/operations.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReachabilityView {
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub hole_punches_succeeded: u64,
+    /// Hole punching attempts that failed.
+    pub hole_punches_failed: u64,
+    /// On a home server: what it relays for others.
+    pub relay_server: Option<RelayServerView>,
+    /// LAN-only operation.
+    pub lan_only: bool,
+    /// mDNS discovery on.
+    pub mdns: bool,
+}
+
+/// What a home server relays for others.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayServerView {
+    /// Reservations held for peers.
+    pub reservations: u64,
+    /// Circuits relayed now.
+    pub circuits: u64,
+    /// Reservations refused since start.
+    pub reservations_refused: u64,
+    /// Circuits refused since start.
+    pub circuits_refused: u64,
 }
 
 impl NodeStatusView {
@@ -379,6 +562,18 @@ pub enum ControlResponse {
         /// One sentence for the user.
         message: String,
     },
+    /// An item of a followed `Conversation`: one of our messages changed status.
+    MessageStatus(MessageStatusView),
+    /// An item of `Conversations`.
+    Conversation(ConversationView),
+    /// A group (answer to `GroupCreate` and `GroupJoin`; an item of `GroupList`).
+    Group(GroupView),
+    /// An invite (answer to `GroupInvite`; an item of `GroupInvites`).
+    Invite(InviteView),
+    /// An item of `GroupMembers`.
+    Member(MemberView),
+    /// Answer to `GroupSend`.
+    GroupSent(GroupSendReport),
 }
 impl_wire!(ControlResponse, MAX_FRAME_BYTES);
 
@@ -395,7 +590,10 @@ impl ControlResponse {
         match self {
             Self::End | Self::Error { .. } => true,
             Self::Contact(_) => !matches!(request, ControlRequest::ContactList),
-            Self::Message(_) => false,
+            Self::Group(_) => !matches!(request, ControlRequest::GroupList),
+            Self::Invite(_) => !matches!(request, ControlRequest::GroupInvites),
+            Self::Member(_) => false,
+            Self::Message(_) | Self::MessageStatus(_) | Self::Conversation(_) => false,
             _ => true,
         }
     }
@@ -538,6 +736,13 @@ pub trait ControlBackend: Send + Sync + 'static {
     /// A stream that yields whenever a new message may have been stored (it may also yield
     /// spuriously). `None`: this backend cannot wait for messages (no node).
     fn message_wakeups(&self) -> Option<BoxStream<'static, ()>>;
+    /// What a followed `Conversation` reacts to: messages stored, status changes of ours.
+    /// `None`: this backend cannot follow (no node). The default turns every
+    /// [`ControlBackend::message_wakeups`] item into a [`ConversationEvent::Rescan`].
+    fn conversation_events(&self) -> Option<BoxStream<'static, ConversationEvent>> {
+        self.message_wakeups()
+            .map(|w| w.map(|()| ConversationEvent::Rescan).boxed())
+    }
     /// Add a contact. The default writes it to storage; the node also publishes its presence
     /// record for the new contact.
     async fn add_contact(
@@ -547,10 +752,110 @@ pub trait ControlBackend: Send + Sync + 'static {
     ) -> Result<Contact, BackendError> {
         blocking(self.storage(), move |s| s.add_contact(&name, &identity)).await
     }
-    /// The user has been shown these incoming messages (the node may send read receipts).
+    /// The user has been shown these incoming messages; they are marked read in storage
+    /// already, and each carries its status from before. The node sends read receipts for
+    /// those that were not read yet.
     async fn messages_shown(&self, _shown: Vec<StoredMessage>) {}
     /// Stop the node.
     async fn shutdown(&self) -> Result<(), BackendError>;
+    /// A group request (contacts already resolved). The default: unavailable (groups need the
+    /// running node).
+    async fn group(&self, _request: GroupRequest) -> Result<GroupAnswer, BackendError> {
+        Err(BackendError::new(ControlErrorKind::Unavailable, NEEDS_NODE))
+    }
+}
+
+/// A group request for a [`ControlBackend`], its contact resolved to an identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GroupRequest {
+    /// Create a group.
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// Add `contact` to `group` and invite them.
+    Invite {
+        /// The group reference.
+        group: String,
+        /// Who.
+        contact: PublicIdentity,
+    },
+    /// Pending invites.
+    Invites,
+    /// Join by invite code.
+    Join {
+        /// The code.
+        code: String,
+    },
+    /// Send a text.
+    Send {
+        /// The group reference.
+        group: String,
+        /// The text.
+        text: String,
+    },
+    /// The members.
+    Members {
+        /// The group reference.
+        group: String,
+    },
+    /// Leave.
+    Leave {
+        /// The group reference.
+        group: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// The group reference.
+        group: String,
+        /// Who.
+        member: PublicIdentity,
+    },
+    /// The groups we are in.
+    List,
+}
+
+/// What a backend answers to a [`GroupRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GroupAnswer {
+    /// One group (create, join).
+    Group(GroupView),
+    /// Groups (list).
+    Groups(Vec<GroupView>),
+    /// One invite (invite).
+    Invite(InviteView),
+    /// Invites (invites).
+    Invites(Vec<InviteView>),
+    /// Members (members).
+    Members(Vec<MemberView>),
+    /// A send report (send).
+    Sent(GroupSendReport),
+    /// Done (leave, remove).
+    Done,
+}
+
+/// Something that may change what a followed `Conversation` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConversationEvent {
+    /// A message from `peer` was stored.
+    Received {
+        /// Its sender.
+        peer: PublicIdentity,
+    },
+    /// Our message `id` to `peer` moved to `status`.
+    Status {
+        /// The recipient.
+        peer: PublicIdentity,
+        /// The message.
+        id: [u8; 16],
+        /// Its new status.
+        status: Status,
+    },
+    /// Anything may have changed (events were missed): re-read storage.
+    Rescan,
 }
 
 /// What a backend's `send_text` reports.
@@ -628,6 +933,36 @@ fn parse_user_id(text: &str) -> Result<UserId, BackendError> {
     text.parse::<UserId>().map_err(|e| invalid(e.to_string()))
 }
 
+/// A `to` / `peer` field: a contact name or a user ID, checked for size only.
+/// A group reference: a name (at most 100 bytes) or a hex id or prefix.
+fn check_group_ref(group: &str) -> Result<(), BackendError> {
+    if group.trim().is_empty()
+        || group.len() > meshchat_protocol::group::MAX_GROUP_NAME_BYTES.max(64)
+        || group.chars().any(char::is_control)
+    {
+        return Err(invalid(
+            "a group is named by its name or its id (64 hex digits, or a prefix of at least 8)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_addressee(to: &str) -> Result<(), BackendError> {
+    if to.is_empty() || to.len() > MAX_ADDRESSEE_BYTES || to.chars().any(char::is_control) {
+        return Err(invalid("the recipient must be a contact name or a user ID"));
+    }
+    Ok(())
+}
+
+/// A message id: 32 hex digits.
+fn parse_message_id(text: &str) -> Result<[u8; 16], BackendError> {
+    let mut id = [0u8; 16];
+    if text.len() != 32 || hex::decode_to_slice(text, &mut id).is_err() {
+        return Err(invalid("a message id is 32 hex digits"));
+    }
+    Ok(id)
+}
+
 /// Check a request the way network input is checked: sizes, names, user IDs. Returns the
 /// sentence for the user if it is refused.
 pub fn validate(request: &ControlRequest) -> Result<(), BackendError> {
@@ -658,6 +993,80 @@ pub fn validate(request: &ControlRequest) -> Result<(), BackendError> {
             }
             Ok(())
         }
+        ControlRequest::Conversation { peer, last, .. } => {
+            check_addressee(peer)?;
+            match last {
+                Some(n) if *n as usize > MAX_LIST_ITEMS => Err(invalid(format!(
+                    "at most the last {MAX_LIST_ITEMS} messages can be listed"
+                ))),
+                _ => Ok(()),
+            }
+        }
+        ControlRequest::Conversations => Ok(()),
+        ControlRequest::GroupConversation { group, last, .. } => {
+            if group.trim().is_empty()
+                || group.len() > MAX_ADDRESSEE_BYTES
+                || group.chars().any(char::is_control)
+            {
+                return Err(invalid("a group is named by its name or its id"));
+            }
+            match last {
+                Some(n) if *n as usize > MAX_LIST_ITEMS => Err(invalid(format!(
+                    "at most the last {MAX_LIST_ITEMS} messages can be listed"
+                ))),
+                _ => Ok(()),
+            }
+        }
+        ControlRequest::GroupCreate { name } => {
+            if name.trim().is_empty()
+                || name.len() > meshchat_protocol::group::MAX_GROUP_NAME_BYTES
+                || name.chars().any(char::is_control)
+            {
+                return Err(invalid(format!(
+                    "a group name is 1 to {} bytes without control characters",
+                    meshchat_protocol::group::MAX_GROUP_NAME_BYTES
+                )));
+            }
+            Ok(())
+        }
+        ControlRequest::GroupInvite { group, contact }
+        | ControlRequest::GroupRemove { group, contact } => {
+            check_group_ref(group)?;
+            check_addressee(contact)
+        }
+        ControlRequest::GroupMembers { group } | ControlRequest::GroupLeave { group } => {
+            check_group_ref(group)
+        }
+        ControlRequest::GroupSend { group, text } => {
+            check_group_ref(group)?;
+            if text.trim().is_empty() {
+                return Err(invalid("the message is empty"));
+            }
+            if text.len() > MAX_REQUEST_TEXT_BYTES {
+                return Err(invalid(format!(
+                    "the message is {} bytes; the limit is {MAX_REQUEST_TEXT_BYTES} bytes",
+                    text.len()
+                )));
+            }
+            Ok(())
+        }
+        ControlRequest::GroupJoin { code } => {
+            if code.trim().len() != 16 || !code.trim().bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid("an invite code is 16 hex digits"));
+            }
+            Ok(())
+        }
+        ControlRequest::GroupInvites | ControlRequest::GroupList => Ok(()),
+        ControlRequest::MarkRead { peer, ids } => {
+            check_addressee(peer)?;
+            if ids.is_empty() || ids.len() > MAX_MARK_READ_IDS {
+                return Err(invalid(format!(
+                    "mark 1 to {MAX_MARK_READ_IDS} messages read at a time"
+                )));
+            }
+            ids.iter()
+                .try_for_each(|id| parse_message_id(id).map(|_| ()))
+        }
         ControlRequest::Inbox { wait_secs, .. } => match wait_secs {
             Some(s) if *s > MAX_WAIT_SECS => Err(invalid(format!(
                 "--wait is at most {MAX_WAIT_SECS} seconds"
@@ -670,8 +1079,14 @@ pub fn validate(request: &ControlRequest) -> Result<(), BackendError> {
 /// How long a request may take (None: a stream that runs until the client leaves).
 pub fn request_timeout(request: &ControlRequest) -> Option<Duration> {
     match request {
-        ControlRequest::Send { .. } => Some(SEND_REQUEST_TIMEOUT),
-        ControlRequest::Inbox { follow: true, .. } => None,
+        ControlRequest::Send { .. }
+        | ControlRequest::GroupSend { .. }
+        | ControlRequest::GroupInvite { .. }
+        | ControlRequest::GroupRemove { .. }
+        | ControlRequest::GroupLeave { .. } => Some(SEND_REQUEST_TIMEOUT),
+        ControlRequest::Inbox { follow: true, .. }
+        | ControlRequest::Conversation { follow: true, .. }
+        | ControlRequest::GroupConversation { follow: true, .. } => None,
         ControlRequest::Inbox {
             wait_secs: Some(s), ..
         } => Some(REQUEST_TIMEOUT + Duration::from_secs(u64::from(*s))),
@@ -730,6 +1145,26 @@ async fn resolve(
     }
 }
 
+/// The names of the groups this home knows, by id (hex): read when a listing shows a group
+/// message. Empty if the group state cannot be read (the messages are shown without it).
+async fn group_names(storage: &Storage) -> HashMap<String, String> {
+    let storage = storage.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = crate::groups::store::GroupStore::open(storage).ok()?;
+        let groups = store.groups().ok()?;
+        Some(
+            groups
+                .into_iter()
+                .map(|r| (hex::encode(r.state.id().0), r.state.name().to_owned()))
+                .collect::<HashMap<_, _>>(),
+        )
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
 fn message_view(index: u64, m: &StoredMessage, name: Option<String>) -> MessageView {
     MessageView {
         index,
@@ -742,6 +1177,8 @@ fn message_view(index: u64, m: &StoredMessage, name: Option<String>) -> MessageV
         received_at_ms: m.received_at_ms,
         text: m.body.clone(),
         status: m.status.into(),
+        group_id: m.group.map(hex::encode),
+        group_name: None,
     }
 }
 
@@ -858,12 +1295,108 @@ pub async fn handle_request<B: ControlBackend>(
             wait_secs,
             follow,
         } => inbox(&*backend, &storage, after_index, wait_secs, follow, &out).await,
+        ControlRequest::Conversation {
+            peer,
+            after_index,
+            last,
+            follow,
+        } => {
+            let scope = match resolve(&storage, peer).await {
+                Ok((identity, name)) => Ok(Scope::Peer(identity, name)),
+                Err(e) => Err(e),
+            };
+            match scope {
+                Ok(scope) => {
+                    conversation(&*backend, &storage, scope, after_index, last, follow, &out).await
+                }
+                Err(e) => e.into(),
+            }
+        }
+        ControlRequest::GroupConversation {
+            group,
+            last,
+            follow,
+        } => match resolve_group(&*backend, &group).await {
+            Ok(id) => {
+                conversation(
+                    &*backend,
+                    &storage,
+                    Scope::Group(id),
+                    None,
+                    last,
+                    follow,
+                    &out,
+                )
+                .await
+            }
+            Err(e) => e.into(),
+        },
+        ControlRequest::Conversations => conversations(&*backend, &storage, &out).await,
+        ControlRequest::MarkRead { peer, ids } => {
+            single(mark_read(&*backend, &storage, peer, ids).await)
+        }
         ControlRequest::Shutdown => {
             let result = backend.shutdown().await;
             single(result.map(|()| ControlResponse::Done))
         }
+        ControlRequest::GroupCreate { name } => {
+            group_request(&*backend, &out, GroupRequest::Create { name }).await
+        }
+        ControlRequest::GroupInvite { group, contact } => match resolve(&storage, contact).await {
+            Ok((contact, _)) => {
+                group_request(&*backend, &out, GroupRequest::Invite { group, contact }).await
+            }
+            Err(e) => e.into(),
+        },
+        ControlRequest::GroupInvites => group_request(&*backend, &out, GroupRequest::Invites).await,
+        ControlRequest::GroupJoin { code } => {
+            group_request(&*backend, &out, GroupRequest::Join { code }).await
+        }
+        ControlRequest::GroupSend { group, text } => {
+            group_request(&*backend, &out, GroupRequest::Send { group, text }).await
+        }
+        ControlRequest::GroupMembers { group } => {
+            group_request(&*backend, &out, GroupRequest::Members { group }).await
+        }
+        ControlRequest::GroupLeave { group } => {
+            group_request(&*backend, &out, GroupRequest::Leave { group }).await
+        }
+        ControlRequest::GroupRemove { group, contact } => match resolve(&storage, contact).await {
+            Ok((member, _)) => {
+                group_request(&*backend, &out, GroupRequest::Remove { group, member }).await
+            }
+            Err(e) => e.into(),
+        },
+        ControlRequest::GroupList => group_request(&*backend, &out, GroupRequest::List).await,
     };
     let _ = out.send(response).await;
+}
+
+/// Answer a group request: lists as a stream of items, then the final response.
+async fn group_request<B: ControlBackend>(
+    backend: &B,
+    out: &mpsc::Sender<ControlResponse>,
+    request: GroupRequest,
+) -> ControlResponse {
+    let answer = match backend.group(request).await {
+        Ok(a) => a,
+        Err(e) => return e.into(),
+    };
+    let items: Vec<ControlResponse> = match answer {
+        GroupAnswer::Group(v) => return ControlResponse::Group(v),
+        GroupAnswer::Invite(v) => return ControlResponse::Invite(v),
+        GroupAnswer::Sent(r) => return ControlResponse::GroupSent(r),
+        GroupAnswer::Done => return ControlResponse::Done,
+        GroupAnswer::Groups(v) => v.into_iter().map(ControlResponse::Group).collect(),
+        GroupAnswer::Invites(v) => v.into_iter().map(ControlResponse::Invite).collect(),
+        GroupAnswer::Members(v) => v.into_iter().map(ControlResponse::Member).collect(),
+    };
+    for item in items.into_iter().take(MAX_LIST_ITEMS) {
+        if out.send(item).await.is_err() {
+            return ControlResponse::End;
+        }
+    }
+    ControlResponse::End
 }
 
 /// The `Inbox` stream; returns its final response.
@@ -901,11 +1434,17 @@ async fn inbox<B: ControlBackend>(
         };
         let complete = batch.len() < INBOX_BATCH;
         let mut shown = Vec::with_capacity(batch.len());
+        let names = if batch.iter().any(|(_, m, _)| m.group.is_some()) {
+            group_names(storage).await
+        } else {
+            HashMap::new()
+        };
         for (index, m, name) in batch {
             last = Some(index);
             // In the first listing only unread messages count as new; after it, every one does.
             fresh |= !first_round || m.status != Status::Read;
-            let view = message_view(index, &m, name);
+            let mut view = message_view(index, &m, name);
+            view.group_name = view.group_id.as_ref().and_then(|g| names.get(g).cloned());
             if out.send(ControlResponse::Message(view)).await.is_err() {
                 return ControlResponse::End; // the client left
             }
@@ -949,6 +1488,560 @@ async fn inbox<B: ControlBackend>(
             () = out.closed() => return ControlResponse::End,
         }
     }
+}
+
+/// What a `Conversation` or `GroupConversation` shows.
+#[derive(Debug, Clone)]
+enum Scope {
+    /// The 1:1 conversation with this peer (and its contact name).
+    Peer(PublicIdentity, Option<String>),
+    /// A group's messages.
+    Group([u8; 32]),
+}
+
+impl Scope {
+    fn matches(&self, m: &StoredMessage) -> bool {
+        match self {
+            Scope::Peer(peer, _) => m.peer == *peer && m.group.is_none(),
+            Scope::Group(id) => m.group == Some(*id),
+        }
+    }
+}
+
+/// Contact names of message authors, looked up once each.
+#[derive(Debug, Default)]
+struct Names(std::collections::BTreeMap<PublicIdentity, Option<String>>);
+
+impl Names {
+    fn of(
+        &mut self,
+        s: &Storage,
+        scope: &Scope,
+        who: &PublicIdentity,
+    ) -> Result<Option<String>, StorageError> {
+        if let Scope::Peer(_, name) = scope {
+            return Ok(name.clone());
+        }
+        if let Some(n) = self.0.get(who) {
+            return Ok(n.clone());
+        }
+        let name = s.contact_by_identity(who)?.map(|c| c.name);
+        self.0.insert(*who, name.clone());
+        Ok(name)
+    }
+}
+
+/// A listed message: arrival index, message, its author's contact name.
+type Listed = (u64, StoredMessage, Option<String>);
+
+/// Our messages of a followed conversation whose status may still change (not read yet): the
+/// most recent [`MAX_WATCHED_STATUSES`], by arrival index.
+#[derive(Debug, Default)]
+struct Watched(std::collections::BTreeMap<u64, ([u8; 16], Status)>);
+
+impl Watched {
+    fn note(&mut self, index: u64, m: &StoredMessage) {
+        if m.direction != Direction::Out || m.status == Status::Read {
+            return;
+        }
+        self.0.insert(index, (m.id, m.status));
+        while self.0.len() > MAX_WATCHED_STATUSES {
+            self.0.pop_first();
+        }
+    }
+
+    fn watches(&self, id: &[u8; 16]) -> bool {
+        self.0.values().any(|(i, _)| i == id)
+    }
+
+    /// Record `status` for `id`; whether it is news (unwatched ids always are: the client keeps
+    /// only progress).
+    fn update(&mut self, id: &[u8; 16], status: Status) -> bool {
+        let Some((&index, &(_, old))) = self.0.iter().find(|(_, (i, _))| i == id) else {
+            return true;
+        };
+        if !old.advances_to(status) {
+            return false;
+        }
+        if status == Status::Read {
+            self.0.remove(&index);
+        } else {
+            self.0.insert(index, (*id, status));
+        }
+        true
+    }
+}
+
+/// The first listing of a conversation: its last `keep` messages (1:1: in conversation order;
+/// a group: in arrival order), and the arrival index to follow from.
+fn list_conversation(
+    s: &Storage,
+    scope: &Scope,
+    after_index: Option<u64>,
+    keep: usize,
+) -> Result<(Vec<Listed>, Option<u64>), StorageError> {
+    let mut names = Names::default();
+    match scope {
+        Scope::Peer(peer, _) => {
+            let mut all = s.messages(&MessageFilter {
+                peer: Some(*peer),
+                after_index,
+                direction: None,
+                limit: None,
+            })?;
+            let newest = all.iter().map(|(index, _)| *index).max();
+            let skip = all.len().saturating_sub(keep);
+            all.drain(..skip);
+            let listed = all
+                .into_iter()
+                .map(|(i, m)| names.of(s, scope, &m.peer).map(|n| (i, m, n)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((listed, newest.max(after_index)))
+        }
+        Scope::Group(_) => {
+            // Group messages are only in the arrival index: read it all once, keep the tail.
+            let mut tail: std::collections::VecDeque<(u64, StoredMessage)> =
+                std::collections::VecDeque::new();
+            let mut after = after_index;
+            loop {
+                let batch = s.messages(&MessageFilter {
+                    peer: None,
+                    after_index: after,
+                    direction: None,
+                    limit: Some(INBOX_BATCH),
+                })?;
+                let complete = batch.len() < INBOX_BATCH;
+                for (index, m) in batch {
+                    after = Some(index);
+                    if scope.matches(&m) {
+                        tail.push_back((index, m));
+                        if tail.len() > keep {
+                            tail.pop_front();
+                        }
+                    }
+                }
+                if complete {
+                    break;
+                }
+            }
+            let listed = tail
+                .into_iter()
+                .map(|(i, m)| names.of(s, scope, &m.peer).map(|n| (i, m, n)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((listed, after))
+        }
+    }
+}
+
+/// Messages of the conversation after arrival index `after`, in arrival order. While a 1:1
+/// conversation is empty (`after` is `None`) the conversation itself is read (it is small);
+/// after that the arrival index is, so a long conversation is not re-read.
+async fn conversation_since(
+    storage: &Storage,
+    scope: Scope,
+    after: Option<u64>,
+) -> Result<Vec<Listed>, BackendError> {
+    blocking(storage, move |s| {
+        let mut names = Names::default();
+        let Some(mut after) = after else {
+            let (mut all, _) = list_conversation(s, &scope, None, MAX_LIST_ITEMS)?;
+            all.sort_by_key(|(index, ..)| *index);
+            return Ok(all);
+        };
+        let mut out = Vec::new();
+        loop {
+            let batch = s.messages(&MessageFilter {
+                peer: None,
+                after_index: Some(after),
+                direction: None,
+                limit: Some(INBOX_BATCH),
+            })?;
+            let complete = batch.len() < INBOX_BATCH;
+            for (index, m) in batch {
+                after = index;
+                if scope.matches(&m) && out.len() < MAX_LIST_ITEMS {
+                    let name = names.of(s, &scope, &m.peer)?;
+                    out.push((index, m, name));
+                }
+            }
+            if complete {
+                return Ok(out);
+            }
+        }
+    })
+    .await
+}
+
+fn status_item(peer: &PublicIdentity, id: &[u8; 16], status: Status) -> ControlResponse {
+    ControlResponse::MessageStatus(MessageStatusView {
+        id: hex::encode(id),
+        peer_user_id: peer.user_id().to_string(),
+        status: status.into(),
+    })
+}
+
+/// The `Conversation` and `GroupConversation` streams; returns the final response.
+async fn conversation<B: ControlBackend>(
+    backend: &B,
+    storage: &Storage,
+    scope: Scope,
+    after_index: Option<u64>,
+    last: Option<u32>,
+    follow: bool,
+    out: &mpsc::Sender<ControlResponse>,
+) -> ControlResponse {
+    // Subscribe before listing so nothing stored in between is missed.
+    let mut events = match (follow, backend.conversation_events()) {
+        (false, _) => None,
+        (true, Some(e)) => Some(e),
+        (true, None) => {
+            return ControlResponse::error(
+                ControlErrorKind::Unavailable,
+                "following a conversation needs a running node",
+            )
+        }
+    };
+    // Whose outgoing messages these are: the peer's (1:1), or ours (a group's).
+    let owner = match &scope {
+        Scope::Peer(peer, _) => *peer,
+        Scope::Group(_) => match blocking(storage, |s| s.load_identity()).await {
+            Ok(me) => me.public(),
+            Err(e) => return e.into(),
+        },
+    };
+    let keep = last
+        .map_or(MAX_LIST_ITEMS, |n| n as usize)
+        .min(MAX_LIST_ITEMS);
+    let listed_scope = scope.clone();
+    let listing = blocking(storage, move |s| {
+        list_conversation(s, &listed_scope, after_index, keep)
+    })
+    .await;
+    let (listing, mut last_index) = match listing {
+        Ok(l) => l,
+        Err(e) => return e.into(),
+    };
+    let mut watched = Watched::default();
+    for (index, m, name) in &listing {
+        watched.note(*index, m);
+        let view = message_view(*index, m, name.clone());
+        if out.send(ControlResponse::Message(view)).await.is_err() {
+            return ControlResponse::End; // the client left
+        }
+    }
+    let Some(events) = events.as_mut() else {
+        return ControlResponse::End;
+    };
+    let mut rescan = tokio::time::interval(CONVERSATION_RESCAN);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rescan.reset();
+    loop {
+        // What to do after this wake-up: look for new messages, re-read watched statuses,
+        // forward one status change.
+        let (statuses, forward) = tokio::select! {
+            event = events.next() => match event {
+                None => return ControlResponse::error(ControlErrorKind::Unavailable, "the node stopped"),
+                Some(ConversationEvent::Received { peer }) => {
+                    // A group message may come from anyone.
+                    if matches!(scope, Scope::Peer(..)) && peer != owner {
+                        continue;
+                    }
+                    (false, None)
+                }
+                Some(ConversationEvent::Status { peer, id, status }) if peer == owner => {
+                    if matches!(scope, Scope::Group(_)) && !watched.watches(&id) {
+                        // One of our messages: to a person, or to another group.
+                        (false, None)
+                    } else {
+                        (false, Some((id, status)))
+                    }
+                }
+                Some(ConversationEvent::Rescan) => (true, None),
+                Some(_) => continue,
+            },
+            _ = rescan.tick() => (true, None),
+            () = out.closed() => return ControlResponse::End,
+        };
+        let fresh = match conversation_since(storage, scope.clone(), last_index).await {
+            Ok(f) => f,
+            Err(e) => return e.into(),
+        };
+        let mut listed = Vec::with_capacity(fresh.len());
+        for (index, m, name) in fresh {
+            last_index = last_index.max(Some(index));
+            watched.note(index, &m);
+            listed.push(m.id);
+            let view = message_view(index, &m, name);
+            if out.send(ControlResponse::Message(view)).await.is_err() {
+                return ControlResponse::End;
+            }
+        }
+        let mut changes = Vec::new();
+        if let Some((id, status)) = forward {
+            // A message listed just now carries its current status already.
+            if !listed.contains(&id) && watched.update(&id, status) {
+                changes.push((id, status));
+            }
+        }
+        if statuses {
+            let ids: Vec<[u8; 16]> = watched.0.values().map(|(id, _)| *id).collect();
+            let current = blocking(storage, move |s| {
+                let mut now = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some((_, m)) = s.message(&owner, Direction::Out, &id)? {
+                        now.push((id, m.status));
+                    }
+                }
+                Ok(now)
+            })
+            .await;
+            match current {
+                Ok(current) => {
+                    for (id, status) in current {
+                        if watched.update(&id, status) {
+                            changes.push((id, status));
+                        }
+                    }
+                }
+                Err(e) => return e.into(),
+            }
+        }
+        for (id, status) in changes {
+            if out.send(status_item(&owner, &id, status)).await.is_err() {
+                return ControlResponse::End;
+            }
+        }
+    }
+}
+
+/// The group `reference` names among the groups we are in (its name, its id, or an
+/// unambiguous prefix of 8 or more hex digits of its id).
+async fn resolve_group<B: ControlBackend>(
+    backend: &B,
+    reference: &str,
+) -> Result<[u8; 32], BackendError> {
+    let groups = match backend.group(GroupRequest::List).await? {
+        GroupAnswer::Groups(g) => g,
+        _ => {
+            return Err(BackendError::new(
+                ControlErrorKind::Internal,
+                "unexpected answer to a group list",
+            ))
+        }
+    };
+    let wanted = reference.trim();
+    let lower = wanted.to_ascii_lowercase();
+    let hex_prefix = lower.len() >= 8 && lower.bytes().all(|b| b.is_ascii_hexdigit());
+    let by_name: Vec<&GroupView> = groups.iter().filter(|g| g.name == wanted).collect();
+    let by_id: Vec<&GroupView> = groups
+        .iter()
+        .filter(|g| hex_prefix && g.id.starts_with(&lower))
+        .collect();
+    let found = match (by_name.as_slice(), by_id.as_slice()) {
+        ([one], _) | ([], [one]) => *one,
+        ([], []) => {
+            return Err(BackendError::new(
+                ControlErrorKind::NotFound,
+                format!(
+                    "no group `{}` (see `meshchat group list`)",
+                    wanted.chars().take(80).collect::<String>()
+                ),
+            ))
+        }
+        _ => {
+            return Err(invalid(format!(
+                "`{}` names several groups; use the group's id (see `meshchat group list`)",
+                wanted.chars().take(80).collect::<String>()
+            )))
+        }
+    };
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(&found.id, &mut id).map_err(|_| {
+        BackendError::new(
+            ControlErrorKind::Internal,
+            "a group id is not 64 hex digits",
+        )
+    })?;
+    Ok(id)
+}
+
+/// One conversation's summary while `Conversations` reads the messages.
+#[derive(Debug, Default)]
+struct Summary {
+    messages: u64,
+    unread: u64,
+    /// Arrival index, time, text and direction of the last message.
+    last: Option<(u64, u64, String, bool)>,
+}
+
+impl Summary {
+    fn add(&mut self, index: u64, m: &StoredMessage) {
+        self.messages += 1;
+        if m.direction == Direction::In && m.status != Status::Read {
+            self.unread += 1;
+        }
+        if self.last.as_ref().is_none_or(|(i, ..)| index > *i) {
+            let preview: String = m.body.chars().take(MAX_PREVIEW_CHARS).collect();
+            self.last = Some((index, m.sent_at_ms, preview, m.direction == Direction::Out));
+        }
+    }
+
+    fn view(self, with: ConversationWith) -> ConversationView {
+        let (last_at_ms, last_text, last_outgoing) = match self.last {
+            Some((_, at, text, out)) => (Some(at), Some(text), out),
+            None => (None, None, false),
+        };
+        ConversationView {
+            with,
+            messages: self.messages,
+            unread: self.unread,
+            last_at_ms,
+            last_text,
+            last_outgoing,
+        }
+    }
+}
+
+/// The `Conversations` listing (it reads every message once); returns its final response.
+async fn conversations<B: ControlBackend>(
+    backend: &B,
+    storage: &Storage,
+    out: &mpsc::Sender<ControlResponse>,
+) -> ControlResponse {
+    // Groups need the node; with storage alone there are only people.
+    let groups = match backend.group(GroupRequest::List).await {
+        Ok(GroupAnswer::Groups(g)) => g,
+        _ => Vec::new(),
+    };
+    let views = blocking(storage, move |s| {
+        let contacts = s.contacts()?;
+        let mut by_peer: std::collections::BTreeMap<PublicIdentity, Summary> =
+            std::collections::BTreeMap::new();
+        let mut by_group: std::collections::BTreeMap<[u8; 32], Summary> =
+            std::collections::BTreeMap::new();
+        let mut after = None;
+        loop {
+            let batch = s.messages(&MessageFilter {
+                peer: None,
+                after_index: after,
+                direction: None,
+                limit: Some(INBOX_BATCH),
+            })?;
+            let complete = batch.len() < INBOX_BATCH;
+            for (index, m) in batch {
+                after = Some(index);
+                match m.group {
+                    Some(g) => by_group.entry(g).or_default().add(index, &m),
+                    None => by_peer.entry(m.peer).or_default().add(index, &m),
+                }
+            }
+            if complete {
+                break;
+            }
+        }
+        // (last arrival index, view) for those with messages; the others by name.
+        let mut with_messages = Vec::new();
+        let mut without = Vec::new();
+        let mut known = std::collections::BTreeSet::new();
+        for c in &contacts {
+            known.insert(c.identity);
+            let summary = by_peer.remove(&c.identity).unwrap_or_default();
+            let last = summary.last.as_ref().map(|l| l.0);
+            let view = summary.view(ConversationWith::Peer {
+                user_id: c.identity.user_id().to_string(),
+                name: Some(c.name.clone()),
+                verified: c.verified,
+            });
+            match last {
+                Some(i) => with_messages.push((i, view)),
+                None => without.push((c.name.clone(), view)),
+            }
+        }
+        for (peer, summary) in by_peer {
+            if known.contains(&peer) {
+                continue;
+            }
+            let last = summary.last.as_ref().map_or(0, |l| l.0);
+            let view = summary.view(ConversationWith::Peer {
+                user_id: peer.user_id().to_string(),
+                name: None,
+                verified: false,
+            });
+            with_messages.push((last, view));
+        }
+        for g in groups {
+            let mut id = [0u8; 32];
+            if hex::decode_to_slice(&g.id, &mut id).is_err() {
+                continue;
+            }
+            let summary = by_group.remove(&id).unwrap_or_default();
+            let last = summary.last.as_ref().map(|l| l.0);
+            let view = summary.view(ConversationWith::Group {
+                id: g.id,
+                name: g.name.clone(),
+                members: g.members as u64,
+            });
+            match last {
+                Some(i) => with_messages.push((i, view)),
+                None => without.push((g.name, view)),
+            }
+        }
+        with_messages.sort_by_key(|(last, _)| std::cmp::Reverse(*last));
+        without.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(with_messages
+            .into_iter()
+            .map(|(_, v)| v)
+            .chain(without.into_iter().map(|(_, v)| v))
+            .take(MAX_LIST_ITEMS)
+            .collect::<Vec<_>>())
+    })
+    .await;
+    match views {
+        Ok(views) => {
+            for v in views {
+                if out.send(ControlResponse::Conversation(v)).await.is_err() {
+                    return ControlResponse::End;
+                }
+            }
+            ControlResponse::End
+        }
+        Err(e) => e.into(),
+    }
+}
+
+/// `MarkRead`: mark the incoming messages `ids` from `peer` read, then let the backend tell
+/// the sender about the 1:1 ones.
+async fn mark_read<B: ControlBackend>(
+    backend: &B,
+    storage: &Storage,
+    peer: String,
+    ids: Vec<String>,
+) -> Result<ControlResponse, BackendError> {
+    let (identity, _) = resolve(storage, peer).await?;
+    let ids = ids
+        .iter()
+        .map(|id| parse_message_id(id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shown = blocking(storage, move |s| {
+        let mut shown = Vec::new();
+        for id in ids {
+            if let Some((_, m)) = s.message(&identity, Direction::In, &id)? {
+                if m.status != Status::Read {
+                    s.mark_read(&identity, &id)?;
+                    // Receipts are for 1:1 messages.
+                    if m.group.is_none() {
+                        shown.push(m);
+                    }
+                }
+            }
+        }
+        Ok(shown)
+    })
+    .await?;
+    if !shown.is_empty() {
+        backend.messages_shown(shown).await;
+    }
+    Ok(ControlResponse::Done)
 }
 
 /// Validate and answer `request` in this process (no socket), as the server would: returns the

@@ -107,6 +107,9 @@ pub enum NodeError {
         /// What failed.
         reason: String,
     },
+    /// A group operation failed (unknown group or invite, no right to do it…).
+    #[error(transparent)]
+    Group(#[from] crate::groups::GroupOpError),
 }
 
 impl NodeError {
@@ -114,6 +117,7 @@ impl NodeError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             NodeError::Storage(e) => storage_kind(e),
+            NodeError::Group(e) => e.kind(),
             NodeError::Listen { .. }
             | NodeError::NoBundle { .. }
             | NodeError::Stopped

@@ -42,6 +42,14 @@ use tokio::{
     task::JoinSet,
 };
 
+mod groups;
+mod nat;
+
+pub(crate) use groups::{
+    gossipsub_behaviour, GossipInbound, GroupCommand, GroupNet, PublishOutcome,
+};
+pub(crate) use nat::{relay_server_config, NatNet, NatStatus};
+
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     config::Limits,
@@ -104,6 +112,8 @@ pub(crate) struct NetStatus {
     pub(crate) routing_table_size: usize,
     pub(crate) dht_records_held: usize,
     pub(crate) dht_server: bool,
+    /// Reachability: AutoNAT verdict, relay reservations, hole punching, relay server.
+    pub(crate) nat: NatStatus,
 }
 
 /// What the handles ask the loop to do.
@@ -153,7 +163,15 @@ pub(crate) enum Command {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Test hook (simulations): refuse, or accept again, every connection with `peers`.
+    SetBlocked {
+        peers: Vec<PeerId>,
+        blocked: bool,
+        reply: oneshot::Sender<()>,
+    },
     Shutdown(oneshot::Sender<()>),
+    /// Group channels (gossipsub): see [`groups`].
+    Group(GroupCommand),
 }
 
 /// The front of the event loop: cheap to clone, every method sends one [`Command`].
@@ -265,6 +283,20 @@ impl NetClient {
         self.call(|reply| Command::Dial { addr, reply }).await
     }
 
+    /// Test hook (simulations): block (closing their connections) or unblock `peers`.
+    pub(crate) async fn set_blocked(
+        &self,
+        peers: Vec<PeerId>,
+        blocked: bool,
+    ) -> Result<(), LoopStopped> {
+        self.call(|reply| Command::SetBlocked {
+            peers,
+            blocked,
+            reply,
+        })
+        .await
+    }
+
     pub(crate) async fn shutdown(&self) -> Result<(), LoopStopped> {
         self.call(Command::Shutdown).await
     }
@@ -296,6 +328,10 @@ pub(crate) struct EventLoop {
     strikes: HashMap<PeerId, u32>,
     bans: VecDeque<(Instant, PeerId)>,
     checks: JoinSet<PendingCheck>,
+    /// Group channels (gossipsub): see [`groups`].
+    groups: GroupNet,
+    /// Reachability (relay, hole punching, AutoNAT, mDNS): see [`nat`].
+    nat: NatNet,
 }
 
 /// A pushed record whose check runs on `spawn_blocking`: who pushed it, the record, the value
@@ -332,6 +368,7 @@ pub(crate) fn new(
     let (online, online_rx) = watch::channel(0);
     let (inbound, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
     let (addrs, addrs_rx) = watch::channel(Vec::new());
+    let (group_net, group_rx) = GroupNet::new();
     let event_loop = EventLoop {
         swarm,
         commands,
@@ -351,8 +388,11 @@ pub(crate) fn new(
         strikes: HashMap::new(),
         bans: VecDeque::new(),
         checks: JoinSet::new(),
+        groups: group_net,
+        nat: NatNet::default(),
     };
     let extras = LoopExtras {
+        groups: group_rx,
         mailbox: mailbox_rx,
         online: online_rx,
     };
@@ -365,6 +405,8 @@ pub(crate) fn new(
 pub(crate) struct LoopExtras {
     pub(crate) mailbox: mpsc::Receiver<InboundMailbox>,
     pub(crate) online: watch::Receiver<u64>,
+    /// Group messages received over gossipsub, for the group service (`crate::groups`).
+    pub(crate) groups: mpsc::Receiver<GossipInbound>,
 }
 
 impl EventLoop {
@@ -412,6 +454,7 @@ impl EventLoop {
         for id in due {
             self.finish_get(id);
         }
+        self.nat_tick();
         while let Some((until, peer)) = self.bans.front().copied() {
             if until > now {
                 break;
@@ -445,14 +488,23 @@ impl EventLoop {
     }
 
     fn dialable_addrs(&self) -> Vec<Multiaddr> {
-        let mut out: Vec<Multiaddr> = self
+        let local = *self.swarm.local_peer_id();
+        let mut out: Vec<Multiaddr> = Vec::new();
+        for a in self
             .swarm
             .external_addresses()
-            .cloned()
-            .chain(self.swarm.listeners().cloned())
+            .chain(self.swarm.listeners())
             .filter(|a| !is_unspecified(a))
-            .collect();
-        out.dedup();
+        {
+            // Relayed listen addresses end in our own peer ID; the external form does not.
+            let mut a = a.clone();
+            if a.iter().last() == Some(Protocol::P2p(local)) {
+                a.pop();
+            }
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
         out
     }
 
@@ -488,14 +540,21 @@ impl EventLoop {
                     peer_id,
                     listen_addrs: self.swarm.listeners().map(with_p2p).collect(),
                     external_addrs: self.swarm.external_addresses().map(with_p2p).collect(),
+                    // One line per peer: a direct connection if there is one.
                     connected: self
                         .connections
                         .iter()
-                        .filter_map(|(p, conns)| conns.values().next().map(|c| (*p, c.clone())))
+                        .filter_map(|(p, conns)| {
+                            conns
+                                .values()
+                                .min_by_key(|c| c.relayed)
+                                .map(|c| (*p, c.clone()))
+                        })
                         .collect(),
                     routing_table_size,
                     dht_records_held,
                     dht_server: self.dht_server,
+                    nat: self.nat_status(),
                 };
                 let _ = reply.send(status);
             }
@@ -620,14 +679,38 @@ impl EventLoop {
                     }
                 }
             }
+            Command::SetBlocked {
+                peers,
+                blocked,
+                reply,
+            } => {
+                let list = &mut self.swarm.behaviour_mut().blocked;
+                for peer in peers {
+                    if blocked {
+                        list.block_peer(peer);
+                    } else {
+                        list.unblock_peer(peer);
+                    }
+                }
+                let _ = reply.send(());
+            }
             // Handled in `run` before dispatch.
             Command::Shutdown(_) => {}
+            Command::Group(c) => self.on_group_command(c),
         }
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.nat_observe(&event);
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossipsub(e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayServer(e)) => self.on_relay_server(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
+            SwarmEvent::Behaviour(BehaviourEvent::AutonatClient(e)) => self.on_autonat_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::AutonatServer(e)) => self.on_autonat_server(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => self.on_mdns(e),
             SwarmEvent::Behaviour(BehaviourEvent::Direct(e)) => self.on_direct(e),
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => self.on_mailbox(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -664,7 +747,7 @@ impl EventLoop {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
-                let relayed = addr.iter().any(|p| p == Protocol::P2pCircuit);
+                let relayed = endpoint.is_relayed();
                 if self.connections.is_empty() {
                     self.online.send_modify(|n| *n = n.wrapping_add(1));
                 }
@@ -961,17 +1044,20 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
     })
 }
 
-/// The peer ID at the end of a `/p2p/` multiaddr.
+/// The peer ID at the end of a `/p2p/` multiaddr (for a relayed address
+/// `…/p2p/RELAY/p2p-circuit/p2p/PEER`, the peer, not the relay).
 pub(crate) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        Protocol::P2p(peer) => Some(peer),
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
         _ => None,
-    })
+    }
 }
 
-/// The address without its `/p2p/` part.
+/// The address without its trailing `/p2p/` part (a relay's stays).
 pub(crate) fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
-    addr.iter()
-        .filter(|p| !matches!(p, Protocol::P2p(_)))
-        .collect()
+    let mut a = addr.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
 }

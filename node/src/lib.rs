@@ -8,6 +8,7 @@ pub mod dht;
 pub mod direct;
 pub mod error;
 mod event_loop;
+pub mod groups;
 pub mod mailbox;
 mod messaging;
 mod node;
@@ -17,4 +18,7 @@ pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{Limits, NodeConfig};
 pub use error::{ErrorKind, NodeError};
 pub use messaging::{CollectReport, PublishReport};
-pub use node::{ConnectedPeer, Node, NodeEvent, NodeHandle, NodeStatus, SendOutcome, SendReport};
+pub use node::{
+    ConnectedPeer, Node, NodeEvent, NodeHandle, NodeStatus, RelayServerStatus, SendOutcome,
+    SendReport,
+};

@@ -12,9 +12,19 @@
 //!              before expiry, at each epoch and when our addresses change
 //! ```
 //!
-//! All storage and ratchet work runs on `spawn_blocking`. Every read-modify-write of ratchet
-//! state, prekeys and the replay cache happens under one async lock (`session_lock`), so two
-//! sends, or a send and a receive, never advance the same ratchet from the same starting state.
+//! All storage and ratchet work runs on `spawn_blocking`. Every read-modify-write of a peer's
+//! ratchet state happens under that peer's lock (`PeerLocks`), so two sends, or a send and a
+//! receive, never advance the same ratchet from the same starting state, while different peers
+//! do not wait for each other. Prekeys and the replay cache, which only first messages change,
+//! have one lock of their own (`prekey_lock`). An inbound envelope is opened (the sealed-sender
+//! Diffie-Hellman and signature check: most of its cost) before any lock is taken, since only
+//! then is its sender known; inbound envelopes are processed concurrently.
+//!
+//! Commits are group commits (`storage`, "Guarantees"): the batch is written under the peer's
+//! lock, the lock is released, and the caller waits for the shared `fsync` that covers it before
+//! sending or acknowledging anything. So the next message to or from the same peer is sealed
+//! while the previous one waits for the disk, and many messages share one sync.
+//!
 //! Retries resend the exact envelope bytes stored in the outbox; the recipient's envelope-id
 //! de-duplication answers a repeat with an acknowledgement and does not show it again.
 
@@ -41,7 +51,9 @@ use meshchat_protocol::{
 use rand::{rngs::OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    sync::{broadcast, mpsc, watch, Mutex, Notify},
+    sync::{
+        broadcast, mpsc, watch, Mutex, Notify, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore,
+    },
     task::JoinHandle,
 };
 
@@ -52,7 +64,9 @@ use crate::{
     event_loop::{InboundEnvelope, LoopStopped, NetClient},
     mailbox::{self, service::Pushed},
     node::{NodeEvent, SendOutcome, SendReport},
-    storage::{Direction, IncomingOutcome, OutboxEntry, Status, Storage, StoredMessage},
+    storage::{
+        Direction, IncomingOutcome, OutboxEntry, PendingWrite, Status, Storage, StoredMessage,
+    },
 };
 
 /// A presence lookup result is reused for this long.
@@ -86,6 +100,19 @@ const PRESENCE_GRACE_SECS: u64 = 3600;
 /// Envelope ids are remembered (for de-duplication) this long after first seen: longer than
 /// any envelope can live.
 const SEEN_RETENTION_MS: u64 = (meshchat_protocol::envelope::MAX_TTL_SECS as u64 + 86_400) * 1000;
+
+/// Inbound envelopes processed at once (opened in parallel, committed with shared syncs).
+const INBOUND_PARALLEL: usize = 32;
+/// Above this many peer locks, the ones nobody holds are dropped.
+const PEER_LOCKS_PRUNE_AT: usize = 1024;
+/// Cached routing keys are all forgotten when there are more than this many.
+const ROUTING_CACHE_MAX: usize = 4096;
+/// Direct requests in flight to one peer at once; more wait for a slot. A connection accepts 32
+/// concurrent streams of the direct protocol (`Limits::max_direct_streams`), counting both
+/// directions, and drops inbound ones above that: sending more at once would have them dropped
+/// and retried only after a pause and a new presence lookup. Half of it leaves the other half
+/// to the peer's requests to us.
+const DIRECT_REQUESTS_PER_PEER: usize = 16;
 
 /// Mailboxes looked up at once while collecting.
 const COLLECT_PARALLEL: usize = 8;
@@ -168,6 +195,100 @@ impl Processed {
             prekeys_changed: false,
         }
     }
+
+    /// An envelope processed before: acknowledged again, nothing else.
+    fn duplicate(envelope_id: [u8; 32]) -> Self {
+        Self {
+            response: DirectResponse::Accepted {
+                envelope_id,
+                duplicate: true,
+            },
+            ..Self::rejected(RejectReason::Internal)
+        }
+    }
+}
+
+/// One lock per peer, held while that peer's ratchet state is read, advanced and written. Locks
+/// nobody holds are dropped once there are many (a hostile sender can make new identities).
+#[derive(Debug, Default)]
+struct PeerLocks {
+    map: StdMutex<HashMap<PublicIdentity, Arc<Mutex<()>>>>,
+}
+
+impl PeerLocks {
+    fn get(&self, peer: &PublicIdentity) -> Arc<Mutex<()>> {
+        let mut map = lock(&self.map);
+        if map.len() >= PEER_LOCKS_PRUNE_AT {
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        Arc::clone(map.entry(*peer).or_default())
+    }
+}
+
+/// Per libp2p peer, the slots for direct requests in flight ([`DIRECT_REQUESTS_PER_PEER`]).
+#[derive(Debug, Default)]
+struct DirectSlots {
+    map: StdMutex<HashMap<PeerId, Arc<Semaphore>>>,
+}
+
+impl DirectSlots {
+    fn get(&self, peer: &PeerId) -> Arc<Semaphore> {
+        let mut map = lock(&self.map);
+        if map.len() >= PEER_LOCKS_PRUNE_AT {
+            map.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        Arc::clone(
+            map.entry(*peer)
+                .or_insert_with(|| Arc::new(Semaphore::new(DIRECT_REQUESTS_PER_PEER))),
+        )
+    }
+}
+
+/// The pair mailbox our messages to each peer are routed by, for the epoch it was derived for.
+/// Deriving it costs a Diffie-Hellman and a key generation (about 70 µs), which every message
+/// paid before this cache. The mailbox id is no secret: it is on every envelope.
+#[derive(Debug, Default)]
+struct RoutingKeys {
+    map: StdMutex<HashMap<PublicIdentity, (u64, [u8; 32])>>,
+}
+
+impl RoutingKeys {
+    fn pair_mailbox(&self, identity: &Identity, to: &PublicIdentity, epoch: u64) -> [u8; 32] {
+        if let Some((e, id)) = lock(&self.map).get(to) {
+            if *e == epoch {
+                return *id;
+            }
+        }
+        let pair = pair_secret(identity, to);
+        let id = MailboxKeys::derive(&pair, to, epoch).id();
+        let mut map = lock(&self.map);
+        if map.len() >= ROUTING_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(*to, (epoch, id));
+        id
+    }
+}
+
+/// What processing an inbound envelope on `spawn_blocking` needs.
+#[derive(Debug, Clone)]
+struct OpenContext {
+    storage: Storage,
+    identity: Identity,
+    peer_locks: Arc<PeerLocks>,
+    prekey_lock: Arc<Mutex<()>>,
+    groups: Option<crate::groups::store::ControlSink>,
+}
+
+/// The result of sealing and committing an outgoing text.
+// A short-lived return value, one per send: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Sealed {
+    /// Written (not yet durable): the message, its envelope, and the write to wait for.
+    Committed(StoredMessage, Envelope, PendingWrite),
+    /// No session with the peer yet and no bundle given: the text back.
+    NeedsBundle(String),
 }
 
 type PeerAddrs = Vec<(PeerId, Vec<Multiaddr>)>;
@@ -182,7 +303,18 @@ pub(crate) struct Messenger {
     events: broadcast::Sender<NodeEvent>,
     addrs: watch::Receiver<Vec<Multiaddr>>,
     send_timeout: Duration,
-    session_lock: Mutex<()>,
+    /// Serialises each peer's ratchet updates.
+    peer_locks: Arc<PeerLocks>,
+    /// Serialises changes of the prekey secrets and the replay cache.
+    prekey_lock: Arc<Mutex<()>>,
+    routing_keys: Arc<RoutingKeys>,
+    direct_slots: DirectSlots,
+    /// Sealing and opening (about 100 µs of curve arithmetic each) run on `spawn_blocking`
+    /// threads; this bounds how many at once to the number of cores. Without it, dozens of
+    /// inbound envelopes opened at once outnumber the cores and starve the async workers that
+    /// move every message through the network (each hop then waits for a time slice). A slot
+    /// is never held while waiting for a peer's lock (so no cycle can form with those locks).
+    cpu_slots: Arc<Semaphore>,
     publish_lock: Mutex<()>,
     publish_kick: Notify,
     outbox_kick: Notify,
@@ -199,6 +331,8 @@ pub(crate) struct Messenger {
     /// status says "stored" until then), by sender; at most MAX_RECEIPT_IDS each.
     receipts_due: StdMutex<HashMap<PublicIdentity, Vec<MessageId>>>,
     receipt_kick: Notify,
+    /// Where group control messages received over 1:1 go (`crate::groups`).
+    group_sink: std::sync::OnceLock<crate::groups::store::ControlSink>,
 }
 
 impl std::fmt::Debug for Messenger {
@@ -295,7 +429,13 @@ impl Messenger {
             events,
             addrs,
             send_timeout,
-            session_lock: Mutex::new(()),
+            peer_locks: Arc::default(),
+            prekey_lock: Arc::default(),
+            routing_keys: Arc::default(),
+            direct_slots: DirectSlots::default(),
+            cpu_slots: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )),
             publish_lock: Mutex::new(()),
             publish_kick: Notify::new(),
             outbox_kick: Notify::new(),
@@ -310,7 +450,119 @@ impl Messenger {
             watched: StdMutex::new(Vec::new()),
             receipts_due: StdMutex::new(HashMap::new()),
             receipt_kick: Notify::new(),
+            group_sink: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Hand group control messages received over 1:1 to the group service from now on.
+    pub(crate) fn set_group_sink(&self, sink: crate::groups::store::ControlSink) {
+        let _ = self.group_sink.set(sink);
+    }
+
+    /// Use `peers` as `to`'s presence for a while (the group service found them through the
+    /// group's presence records: group members need not be contacts).
+    pub(crate) fn note_presence(&self, to: PublicIdentity, peers: PeerAddrs) {
+        let peers: PeerAddrs = peers
+            .into_iter()
+            .filter(|(p, _)| *p != self.peer_id)
+            .collect();
+        if peers.is_empty() {
+            return;
+        }
+        let mut cache = lock(&self.presence_cache);
+        if cache
+            .get(&to)
+            .is_none_or(|(at, _)| at.elapsed() >= PRESENCE_CACHE_TTL)
+        {
+            cache.insert(to, (Instant::now(), peers));
+        }
+    }
+
+    /// Send a group control message to `to` through the durable outbox (no message is shown
+    /// for it). Returns once it is committed; delivery (directly, else to the recipient's
+    /// mailbox, else retried by the outbox loop) goes on in the background.
+    pub(crate) async fn send_control(
+        self: &Arc<Self>,
+        to: PublicIdentity,
+        control: meshchat_protocol::GroupControl,
+    ) -> Result<[u8; 16], NodeError> {
+        if to == self.me {
+            return Err(NodeError::ToSelf);
+        }
+        let deadline = Instant::now() + self.send_timeout;
+        let id = random_id();
+        let content = Content::Group(control);
+        lock(&self.in_flight).insert(id);
+        let sealed = match self.seal_control_once(to, id, &content, None).await {
+            Ok(Some(envelope)) => Ok(envelope),
+            Ok(None) => match self.fetch_bundle(&to, deadline).await {
+                Ok(bundle) => self
+                    .seal_control_once(to, id, &content, Some(bundle))
+                    .await
+                    .and_then(|e| {
+                        e.ok_or_else(|| NodeError::Crypto {
+                            reason: "invariant: a bundle was given, yet the seal asked for one"
+                                .into(),
+                        })
+                    }),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let envelope = match sealed {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                lock(&self.in_flight).remove(&id);
+                return Err(e);
+            }
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + me.send_timeout;
+            let result = me.deliver_or_store(&to, &envelope, deadline).await;
+            if let Err(e) = me.settle(&id, 0, result).await {
+                tracing::debug!(error = %e, "settling a group control message failed");
+            }
+            lock(&me.in_flight).remove(&id);
+        });
+        Ok(id)
+    }
+
+    /// Seal `content` to `to` and commit session and outbox entry (no message); `None` when no
+    /// session exists and no bundle was given.
+    async fn seal_control_once(
+        &self,
+        to: PublicIdentity,
+        id: [u8; 16],
+        content: &Content,
+        bundle: Option<VerifiedBundle>,
+    ) -> Result<Option<Envelope>, NodeError> {
+        let guard = self.peer_locks.get(&to).lock_owned().await;
+        let storage = self.storage.clone();
+        let identity = self.identity.clone();
+        let routing = Arc::clone(&self.routing_keys);
+        let content = content.clone();
+        blocking(move || {
+            let mut record = load_session(&storage, &to)?;
+            let bundle = if record.has_session() { None } else { bundle };
+            if !record.has_session() && bundle.is_none() {
+                return Ok(None);
+            }
+            let envelope = seal_content(
+                &identity,
+                &routing,
+                &mut record,
+                bundle.as_ref(),
+                &to,
+                &content,
+            )?;
+            let envelope_bytes = envelope.to_wire().map_err(wire_err("envelope"))?;
+            let session_bytes = record.to_wire().map_err(wire_err("session record"))?;
+            storage.commit_outgoing_control(&to, &session_bytes, &id, &envelope_bytes)?;
+            drop(guard);
+            Ok(Some(envelope))
+        })
+        .await
     }
 
     /// Spawn the inbound worker, the publisher, the outbox loop, the mail collector and the
@@ -372,33 +624,18 @@ impl Messenger {
             return Err(NodeError::ToSelf);
         }
         let deadline = Instant::now() + self.send_timeout;
-        let has_session = {
-            let storage = self.storage.clone();
-            blocking(move || Ok(load_session(&storage, &to)?.has_session())).await?
+        let id = random_id();
+        // The outbox loop can see the entry as soon as it is written: keep it away until this
+        // attempt has settled. (A fresh random id is never in flight already.)
+        lock(&self.in_flight).insert(id);
+        let (message, envelope) = match self.seal_text(to, id, text, deadline).await {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                lock(&self.in_flight).remove(&id);
+                return Err(e);
+            }
         };
-        let bundle = if has_session {
-            None
-        } else {
-            Some(self.fetch_bundle(&to, deadline).await?)
-        };
-
-        let (message, envelope) = {
-            let _guard = self.session_lock.lock().await;
-            let storage = self.storage.clone();
-            let identity = self.identity.clone();
-            blocking(move || seal_and_commit(&storage, &identity, &to, text, bundle.as_ref()))
-                .await?
-        };
-        let id = message.id;
-        if !lock(&self.in_flight).insert(id) {
-            // Impossible for a fresh random id; be safe anyway.
-            return Ok(SendReport {
-                message_id: id,
-                outcome: SendOutcome::Queued {
-                    reason: "already being delivered".into(),
-                },
-            });
-        }
+        debug_assert_eq!(message.id, id);
         let result = self.deliver_or_store(&to, &envelope, deadline).await;
         let outcome = self.settle(&id, 0, result).await;
         lock(&self.in_flight).remove(&id);
@@ -406,6 +643,68 @@ impl Messenger {
             message_id: id,
             outcome: outcome?,
         })
+    }
+
+    /// Seal `text` as message `id` to `to` and commit it durably: under the peer's lock, seal
+    /// and write the batch; release the lock; wait for the sync that covers the batch. Without a
+    /// session, fetch the peer's bundle and try again with it.
+    async fn seal_text(
+        &self,
+        to: PublicIdentity,
+        id: [u8; 16],
+        text: String,
+        deadline: Instant,
+    ) -> Result<(StoredMessage, Envelope), NodeError> {
+        let text = match self.seal_once(to, id, text, None).await? {
+            Ok(sealed) => return Ok(sealed),
+            Err(text) => text,
+        };
+        let bundle = self.fetch_bundle(&to, deadline).await?;
+        match self.seal_once(to, id, text, Some(bundle)).await? {
+            Ok(sealed) => Ok(sealed),
+            Err(_) => Err(NodeError::Crypto {
+                reason: "invariant: a bundle was given, yet the seal asked for one".into(),
+            }),
+        }
+    }
+
+    /// One attempt of [`Self::seal_text`]: `Err(text)` when a bundle is needed.
+    async fn seal_once(
+        &self,
+        to: PublicIdentity,
+        id: [u8; 16],
+        text: String,
+        bundle: Option<VerifiedBundle>,
+    ) -> Result<Result<(StoredMessage, Envelope), String>, NodeError> {
+        // The peer's lock first, then a CPU slot: a slot is never held while waiting for a lock
+        // (see `cpu_slots`).
+        let guard = self.peer_locks.get(&to).lock_owned().await;
+        let slot = self.cpu_slot().await?;
+        let storage = self.storage.clone();
+        let identity = self.identity.clone();
+        let routing = Arc::clone(&self.routing_keys);
+        blocking(move || {
+            let sealed = seal_and_commit(
+                &storage,
+                &identity,
+                &routing,
+                &to,
+                id,
+                text,
+                bundle.as_ref(),
+            );
+            // The next message to this peer is sealed while this one waits for the disk.
+            drop(guard);
+            drop(slot);
+            match sealed? {
+                Sealed::Committed(message, envelope, pending) => {
+                    storage.wait_durable(pending)?;
+                    Ok(Ok((message, envelope)))
+                }
+                Sealed::NeedsBundle(text) => Ok(Err(text)),
+            }
+        })
+        .await
     }
 
     /// Record the result of a delivery attempt of our message `id` (after `attempts` earlier
@@ -954,7 +1253,12 @@ impl Messenger {
                 Ok(Ok(peers)) => {
                     for (peer, addrs) in peers {
                         let remaining = deadline.saturating_duration_since(Instant::now());
-                        let attempt = self.net.send_envelope(peer, addrs, envelope.clone());
+                        let slots = self.direct_slots.get(&peer);
+                        let attempt = async {
+                            // Wait here rather than open a stream the connection would refuse.
+                            let _slot = slots.acquire_owned().await;
+                            self.net.send_envelope(peer, addrs, envelope.clone()).await
+                        };
                         match tokio::time::timeout(remaining, attempt).await {
                             Ok(Ok(Ok(DirectResponse::Accepted { envelope_id, .. }))) => {
                                 if envelope_id == expected_id {
@@ -1017,6 +1321,21 @@ impl Messenger {
         self.send_receipt(peer, changed, ReceiptKind::Read).await
     }
 
+    /// Tell `peer` that we showed its messages `ids`, already marked read in storage (the
+    /// control socket's `Inbox` and `MarkRead`): read receipts of at most [`MAX_RECEIPT_IDS`]
+    /// ids each; best effort.
+    pub(crate) async fn send_read_receipts(
+        &self,
+        peer: PublicIdentity,
+        ids: Vec<[u8; 16]>,
+    ) -> Result<(), NodeError> {
+        for chunk in ids.chunks(MAX_RECEIPT_IDS) {
+            let chunk = chunk.iter().copied().map(MessageId).collect();
+            self.send_receipt(peer, chunk, ReceiptKind::Read).await?;
+        }
+        Ok(())
+    }
+
     /// Tell `peer` that we received (`Delivered`) or showed (`Read`) its messages `ids`: one
     /// receipt, sent directly or stored in its mailbox; best effort (logged when it fails).
     async fn send_receipt(
@@ -1029,16 +1348,17 @@ impl Messenger {
             return Ok(());
         }
         let envelope = {
-            let _guard = self.session_lock.lock().await;
+            let _guard = self.peer_locks.get(&peer).lock_owned().await;
             let storage = self.storage.clone();
             let identity = self.identity.clone();
+            let routing = Arc::clone(&self.routing_keys);
             blocking(move || {
                 let mut record = load_session(&storage, &peer)?;
                 if !record.has_session() {
                     return Ok(None);
                 }
                 let content = Content::Receipt { kind, ids };
-                let env = seal_content(&identity, &mut record, None, &peer, &content)?;
+                let env = seal_content(&identity, &routing, &mut record, None, &peer, &content)?;
                 let bytes = record.to_wire().map_err(wire_err("session record"))?;
                 storage.save_session(&peer, &bytes)?;
                 Ok(Some(env))
@@ -1077,12 +1397,23 @@ impl Messenger {
     // Receiving
     // ------------------------------------------------------------------------------------
 
+    /// Takes envelopes from the event loop and processes up to [`INBOUND_PARALLEL`] at once, so
+    /// they are opened on both cores and share their commits' syncs.
     async fn inbound_worker(
         self: Arc<Self>,
         mut inbound: mpsc::Receiver<InboundEnvelope>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let slots = Arc::new(Semaphore::new(INBOUND_PARALLEL));
         loop {
+            let permit = tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => return,
+                permit = Arc::clone(&slots).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let item = tokio::select! {
                 biased;
                 _ = stopping(&mut shutdown) => return,
@@ -1091,30 +1422,39 @@ impl Messenger {
                     None => return,
                 },
             };
-            let InboundEnvelope {
-                peer,
-                envelope,
-                channel,
-            } = item;
-            let processed = match self.process_inbound(envelope).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "cannot process an inbound envelope");
-                    Processed::rejected(RejectReason::Internal)
-                }
-            };
-            if let DirectResponse::Rejected { reason } = processed.response {
-                tracing::debug!(%peer, %reason, "rejected an inbound envelope");
-                if reason.is_hostile() && self.net.strike(peer, reason.to_string()).await.is_err() {
-                    return;
-                }
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                me.handle_inbound(item).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Process one envelope that arrived directly, answer it, and act on what it changed.
+    async fn handle_inbound(&self, item: InboundEnvelope) {
+        let InboundEnvelope {
+            peer,
+            envelope,
+            channel,
+        } = item;
+        let processed = match self.process_inbound(envelope).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot process an inbound envelope");
+                Processed::rejected(RejectReason::Internal)
             }
-            if self.net.respond(channel, processed.response).await.is_err() {
+        };
+        if let DirectResponse::Rejected { reason } = processed.response {
+            tracing::debug!(%peer, %reason, "rejected an inbound envelope");
+            if reason.is_hostile() && self.net.strike(peer, reason.to_string()).await.is_err() {
                 return;
             }
-            // They are online: `after_processed` also retries what we owe them now.
-            self.after_processed(processed);
         }
+        if self.net.respond(channel, processed.response).await.is_err() {
+            return;
+        }
+        // They are online: `after_processed` also retries what we owe them now.
+        self.after_processed(processed);
     }
 
     async fn process_inbound(&self, envelope: Envelope) -> Result<Processed, NodeError> {
@@ -1122,10 +1462,23 @@ impl Messenger {
         if let Err(e) = envelope.check(now) {
             return Ok(Processed::rejected(envelope_reject(&e)));
         }
-        let _guard = self.session_lock.lock().await;
-        let storage = self.storage.clone();
-        let identity = self.identity.clone();
-        blocking(move || open_and_commit(&storage, &identity, &envelope, now)).await
+        let slot = self.cpu_slot().await?;
+        let ctx = OpenContext {
+            storage: self.storage.clone(),
+            identity: self.identity.clone(),
+            peer_locks: Arc::clone(&self.peer_locks),
+            prekey_lock: Arc::clone(&self.prekey_lock),
+            groups: self.group_sink.get().cloned(),
+        };
+        blocking(move || open_and_commit(&ctx, &envelope, now, slot)).await
+    }
+
+    /// A slot for CPU-heavy work (sealing, opening); see `cpu_slots`.
+    async fn cpu_slot(&self) -> Result<OwnedSemaphorePermit, NodeError> {
+        Arc::clone(&self.cpu_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| NodeError::Stopped)
     }
 
     // ------------------------------------------------------------------------------------
@@ -1170,6 +1523,9 @@ impl Messenger {
                     .map_or(u64::MAX, |(_, m)| m.seq);
                 out.push((e, seq));
             }
+            // An entry may have been read before its commit's sync: never send one that a
+            // crash could still take back (its ratchet step would be reused).
+            storage.sync_barrier()?;
             Ok(out)
         })
         .await?;
@@ -1239,7 +1595,7 @@ impl Messenger {
 
     /// Make sure prekey secrets exist (generated and saved on first start).
     pub(crate) async fn ensure_prekeys(&self) -> Result<(), NodeError> {
-        let _guard = self.session_lock.lock().await;
+        let _guard = self.prekey_lock.lock().await;
         let storage = self.storage.clone();
         let identity = self.identity.clone();
         blocking(move || prepare_bundle(&storage, &identity, unix_now()).map(|_| ())).await
@@ -1308,7 +1664,7 @@ impl Messenger {
         let _round = self.publish_lock.lock().await;
         let now = unix_now();
         let bundle_record = {
-            let _guard = self.session_lock.lock().await;
+            let _guard = self.prekey_lock.lock().await;
             let storage = self.storage.clone();
             let identity = self.identity.clone();
             blocking(move || prepare_bundle(&storage, &identity, now)).await?
@@ -1436,6 +1792,7 @@ fn watched_mailboxes(
 /// Seal `content` for `to` with the session in `record` (advancing it).
 fn seal_content(
     identity: &Identity,
+    routing: &RoutingKeys,
     record: &mut SessionRecord,
     bundle: Option<&VerifiedBundle>,
     to: &PublicIdentity,
@@ -1448,8 +1805,7 @@ fn seal_content(
     // Pair mailboxes only once the peer has written to us (so it knows us and watches them);
     // before that, the first-contact mailbox it always watches.
     let routing_key = if record.has_session() && !record.awaiting_reply() {
-        let pair = pair_secret(identity, to);
-        MailboxKeys::derive(&pair, to, addressing::epoch(now)).id()
+        routing.pair_mailbox(identity, to, addressing::epoch(now))
     } else {
         addressing::first_contact_mailbox(to)
     };
@@ -1467,19 +1823,24 @@ fn seal_content(
     .map_err(crypto_err)
 }
 
-/// Seal a text message and commit session, message and outbox entry in one batch.
+/// Seal a text message as message `id` and write session, message and outbox entry in one
+/// batch (durable once the returned write is waited for). Call under the peer's lock.
 fn seal_and_commit(
     storage: &Storage,
     identity: &Identity,
+    routing: &RoutingKeys,
     to: &PublicIdentity,
+    id: [u8; 16],
     text: String,
     bundle: Option<&VerifiedBundle>,
-) -> Result<(StoredMessage, Envelope), NodeError> {
+) -> Result<Sealed, NodeError> {
     let mut record = load_session(storage, to)?;
     let bundle = if record.has_session() { None } else { bundle };
+    if !record.has_session() && bundle.is_none() {
+        return Ok(Sealed::NeedsBundle(text));
+    }
     // Content sequence numbers start at 1.
     let seq = storage.next_seq(to)?.max(1);
-    let id = random_id();
     let sent_at_ms = unix_now_ms();
     let content = Content::Text {
         id: MessageId(id),
@@ -1487,7 +1848,7 @@ fn seal_and_commit(
         sent_at_ms,
         body: text.clone(),
     };
-    let envelope = seal_content(identity, &mut record, bundle, to, &content)?;
+    let envelope = seal_content(identity, routing, &mut record, bundle, to, &content)?;
     let envelope_bytes = envelope.to_wire().map_err(wire_err("envelope"))?;
     let session_bytes = record.to_wire().map_err(wire_err("session record"))?;
     let message = StoredMessage {
@@ -1499,36 +1860,80 @@ fn seal_and_commit(
         received_at_ms: sent_at_ms,
         body: text,
         status: Status::Queued,
+        group: None,
     };
-    storage.commit_outgoing(
+    let (_, pending) = storage.commit_outgoing_pending(
         to,
         &session_bytes,
         &message,
         &envelope_bytes,
         seq.saturating_add(1),
     )?;
-    Ok((message, envelope))
+    Ok(Sealed::Committed(message, envelope, pending))
 }
 
 /// Open an inbound envelope on copies of the stored state and commit everything it changed in
-/// one batch. A duplicate is acknowledged without changes.
+/// one batch; return once that is on disk. A duplicate is acknowledged without changes (once
+/// its first copy is on disk).
+///
+/// First try without the prekey lock: the envelope is opened, then the sender's lock is taken
+/// and its session loaded. Only a message that starts a new session changes the prekeys and the
+/// replay cache; such a message, or one refused for a reason that depends on them, is processed
+/// again from the start under the prekey lock, so that their updates never race.
 fn open_and_commit(
-    storage: &Storage,
-    identity: &Identity,
+    ctx: &OpenContext,
     envelope: &Envelope,
     now: u64,
+    cpu_slot: OwnedSemaphorePermit,
 ) -> Result<Processed, NodeError> {
     let envelope_id = envelope.id();
+    if ctx.storage.seen(&envelope_id)? {
+        drop(cpu_slot);
+        ctx.storage.sync_barrier()?;
+        return Ok(Processed::duplicate(envelope_id));
+    }
+    let mut cpu_slot = Some(cpu_slot);
+    if let Some(processed) =
+        try_open_and_commit(ctx, envelope, envelope_id, now, false, &mut cpu_slot)?
+    {
+        return Ok(processed);
+    }
+    // Rare (first messages): the second opening runs without a CPU slot.
+    drop(cpu_slot);
+    let _prekeys = ctx.prekey_lock.blocking_lock();
+    try_open_and_commit(ctx, envelope, envelope_id, now, true, &mut None)?.ok_or_else(|| {
+        NodeError::Crypto {
+            reason: "invariant: processing under the prekey lock always ends".into(),
+        }
+    })
+}
+
+/// Whether opening failed for a reason that may be gone with the newest prekeys and replay
+/// cache (they are read without a lock on the first try).
+fn depends_on_prekeys(e: &SessionError) -> bool {
+    matches!(
+        e,
+        SessionError::Replay { .. }
+            | SessionError::UnknownPrekey { .. }
+            | SessionError::StalePrekey { .. }
+    )
+}
+
+/// One try of [`open_and_commit`]. Without `exclusive` (the prekey lock is not held), `None`
+/// when the envelope needs the prekey lock.
+fn try_open_and_commit(
+    ctx: &OpenContext,
+    envelope: &Envelope,
+    envelope_id: [u8; 32],
+    now: u64,
+    exclusive: bool,
+    cpu_slot: &mut Option<OwnedSemaphorePermit>,
+) -> Result<Option<Processed>, NodeError> {
+    let storage = &ctx.storage;
     let accepted = |duplicate| DirectResponse::Accepted {
         envelope_id,
         duplicate,
     };
-    if storage.seen(&envelope_id)? {
-        return Ok(Processed {
-            response: accepted(true),
-            ..Processed::rejected(RejectReason::Internal)
-        });
-    }
     let prekey_bytes = storage.prekeys()?.ok_or_else(|| NodeError::Crypto {
         reason: "no prekey secrets saved".into(),
     })?;
@@ -1540,15 +1945,36 @@ fn open_and_commit(
         None => ReplayCache::new(),
     };
     let mut load_error = None;
+    let mut peer_guard: Option<OwnedMutexGuard<()>> = None;
+    let mut seen_meanwhile = false;
     let opened = session::open_message(
-        identity,
+        &ctx.identity,
         &mut prekeys,
         &mut replay,
-        |sender| match load_session(storage, sender) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                load_error = Some(e);
-                None
+        |sender| {
+            // The envelope is open and its sender known: from here to the write, hold the
+            // sender's lock. The expensive part is done: give the CPU slot back first (it is
+            // never held while waiting for a peer's lock).
+            drop(cpu_slot.take());
+            peer_guard = Some(ctx.peer_locks.get(sender).blocking_lock_owned());
+            // Another copy of this envelope may have been committed while we opened it.
+            match storage.seen(&envelope_id) {
+                Ok(false) => {}
+                Ok(true) => {
+                    seen_meanwhile = true;
+                    return None;
+                }
+                Err(e) => {
+                    load_error = Some(e.into());
+                    return None;
+                }
+            }
+            match load_session(storage, sender) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    load_error = Some(e);
+                    None
+                }
             }
         },
         envelope,
@@ -1557,18 +1983,35 @@ fn open_and_commit(
     if let Some(e) = load_error {
         return Err(e);
     }
+    if seen_meanwhile {
+        drop(peer_guard);
+        storage.sync_barrier()?;
+        return Ok(Some(Processed::duplicate(envelope_id)));
+    }
     let received = match opened {
+        Ok(r) if r.new_session && !exclusive => return Ok(None),
         Ok(r) => r,
+        Err(e) if !exclusive && depends_on_prekeys(&e) => return Ok(None),
         Err(e) => {
             tracing::debug!(error = %e, "inbound envelope does not open");
-            return Ok(Processed::rejected(reject_reason_of(&e)));
+            return Ok(Some(Processed::rejected(reject_reason_of(&e))));
         }
     };
     let sender = received.sender;
-    let new_prekeys = prekeys.to_wire().map_err(wire_err("prekey secrets"))?;
-    let new_replay = replay.to_wire().map_err(wire_err("replay cache"))?;
-    let prekeys_changed = new_prekeys != prekey_bytes;
-    let replay_changed = replay_bytes.as_deref() != Some(new_replay.as_slice());
+    // `open_message` changes the prekeys and the replay cache only when it starts a session,
+    // which happens only under the prekey lock; there, compare the bytes to be sure.
+    let (prekeys_changed, new_prekeys, replay_changed, new_replay) = if exclusive {
+        let new_prekeys = prekeys.to_wire().map_err(wire_err("prekey secrets"))?;
+        let new_replay = replay.to_wire().map_err(wire_err("replay cache"))?;
+        (
+            new_prekeys != prekey_bytes,
+            new_prekeys,
+            replay_bytes.as_deref() != Some(new_replay.as_slice()),
+            new_replay,
+        )
+    } else {
+        (false, Vec::new(), false, Vec::new())
+    };
     let session_bytes = received
         .record
         .to_wire()
@@ -1590,17 +2033,33 @@ fn open_and_commit(
                 received_at_ms: unix_now_ms(),
                 body,
                 status: Status::Delivered,
+                group: None,
             }),
             None,
             false,
         ),
         Ok(Content::Receipt { kind, ids }) => (None, Some((kind, ids)), false),
+        // Group control (invites, sender keys, ops, rekeys): into the group inbox, durably,
+        // before this envelope is committed and acknowledged.
+        Ok(Content::Group(control)) => {
+            let accepted = match &ctx.groups {
+                Some(sink) => sink.accept(&sender, control)?,
+                // Not yet wired (cannot happen once the node runs): refuse for now, so the
+                // sender retries.
+                None => {
+                    return Err(NodeError::internal(
+                        "no group service to take group controls",
+                    ))
+                }
+            };
+            (None, None, !accepted)
+        }
         Err(e) => {
             tracing::debug!(sender = %sender.user_id(), error = %e, "authenticated envelope with malformed content");
             (None, None, true)
         }
     };
-    let outcome = storage.commit_incoming(
+    let (outcome, pending) = storage.commit_incoming_pending(
         &envelope_id,
         &sender,
         &session_bytes,
@@ -1608,6 +2067,9 @@ fn open_and_commit(
         replay_changed.then_some(new_replay.as_slice()),
         message.as_ref(),
     )?;
+    // The next envelope from this sender is decrypted while this one waits for the disk.
+    drop(peer_guard);
+    storage.wait_durable(pending)?;
     let mut processed = Processed {
         response: accepted(false),
         sender: Some(sender),
@@ -1637,7 +2099,7 @@ fn open_and_commit(
             reason: RejectReason::Malformed,
         };
     }
-    Ok(processed)
+    Ok(Some(processed))
 }
 
 /// Load (or create) the prekey secrets, rotate or replenish them if due, save, and return the
@@ -1730,4 +2192,174 @@ fn prepare_presence(
         out.push((keys.dht_key(), value, expires_at));
     }
     Ok((out, set))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real nodes on loopback: many messages in flight at once, both ways, and first messages
+    //! from several strangers at once (the prekey lock's path).
+
+    use std::time::Duration;
+
+    use libp2p::Multiaddr;
+    use meshchat_protocol::{replay::ReplayCache, Identity, PublicIdentity, Wire};
+    use rand::rngs::OsRng;
+    use tempfile::TempDir;
+
+    use crate::{
+        storage::{Direction, MessageFilter, Storage},
+        Node, NodeConfig, NodeHandle, SendOutcome,
+    };
+
+    struct TestNode {
+        _home: TempDir,
+        handle: NodeHandle,
+        identity: Identity,
+        addr: Multiaddr,
+    }
+
+    async fn start(bootstrap: Vec<Multiaddr>) -> TestNode {
+        let home = tempfile::tempdir().expect("tempdir");
+        let identity = Identity::generate(&mut OsRng);
+        Storage::open(home.path())
+            .expect("open storage")
+            .save_identity(&identity)
+            .expect("save identity");
+        let mut config = NodeConfig::new(home.path());
+        config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+        config.bootstrap = bootstrap;
+        config.dht_server = true;
+        config.send_timeout = Duration::from_secs(20);
+        let handle = Node::start(config).await.expect("node starts");
+        let addr = handle
+            .status()
+            .await
+            .expect("status")
+            .listen_addrs
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .expect("a TCP address")
+            .parse()
+            .expect("multiaddr");
+        TestNode {
+            _home: home,
+            handle,
+            identity,
+            addr,
+        }
+    }
+
+    /// Make `a` and `b` contacts of each other.
+    async fn befriend(a: &TestNode, b: &TestNode, name_of_b: &str, name_of_a: &str) {
+        a.handle
+            .add_contact(name_of_b.into(), b.identity.public())
+            .await
+            .expect("contact");
+        b.handle
+            .add_contact(name_of_a.into(), a.identity.public())
+            .await
+            .expect("contact");
+    }
+
+    async fn publish(n: &TestNode, contacts: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = n.handle.publish_records().await.expect("publish");
+            if r.bundle_published && r.presence_published == contacts {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "records not published: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The incoming messages `storage` holds from `peer`.
+    fn incoming(storage: &Storage, peer: &PublicIdentity) -> Vec<crate::storage::StoredMessage> {
+        storage
+            .messages(&MessageFilter {
+                peer: Some(*peer),
+                direction: Some(Direction::In),
+                ..MessageFilter::default()
+            })
+            .expect("messages")
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    async fn send_many(from: &TestNode, to: PublicIdentity, n: usize, tag: &str) {
+        let sends = (0..n).map(|i| {
+            let handle = from.handle.clone();
+            let text = format!("{tag} {i}");
+            tokio::spawn(async move { handle.send_text(to, text).await })
+        });
+        for (i, task) in futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let report = task.expect("task").expect("send");
+            assert_eq!(report.outcome, SendOutcome::Delivered, "{tag} {i}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_messages_in_flight_both_ways_each_arrive_once_in_order() {
+        const N: usize = 40;
+        let a = start(Vec::new()).await;
+        let b = start(vec![a.addr.clone()]).await;
+        befriend(&a, &b, "b", "a").await;
+        publish(&a, 1).await;
+        publish(&b, 1).await;
+        // The handshake, then both sides write at once: every send and every receive of the
+        // pair advances the same two ratchets concurrently.
+        send_many(&a, b.identity.public(), 1, "hello").await;
+        send_many(&b, a.identity.public(), 1, "hello back").await;
+        tokio::join!(
+            send_many(&a, b.identity.public(), N, "a to b"),
+            send_many(&b, a.identity.public(), N, "b to a"),
+        );
+        for (to, from) in [(&b, &a), (&a, &b)] {
+            let got = incoming(to.handle.storage(), &from.identity.public());
+            assert_eq!(got.len(), N + 1, "every message stored once");
+            let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=N as u64 + 1).collect::<Vec<_>>(), "in order");
+            assert!(from.handle.storage().outbox().expect("outbox").is_empty());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_messages_from_several_strangers_at_once_all_open() {
+        const SENDERS: usize = 4;
+        let r = start(Vec::new()).await;
+        let mut senders = Vec::new();
+        for _ in 0..SENDERS {
+            senders.push(start(vec![r.addr.clone()]).await);
+        }
+        for (i, s) in senders.iter().enumerate() {
+            befriend(s, &r, "r", &format!("s{i}")).await;
+        }
+        publish(&r, SENDERS).await;
+        for s in &senders {
+            publish(s, 1).await;
+        }
+        // Each first message starts a session: each changes the replay cache, so they are
+        // committed one after another under the prekey lock, none losing another's entry.
+        let to = r.identity.public();
+        futures::future::join_all(senders.iter().map(|s| send_many(s, to, 1, "first message")))
+            .await;
+        let storage = r.handle.storage();
+        for s in &senders {
+            assert_eq!(incoming(storage, &s.identity.public()).len(), 1);
+        }
+        let cache = storage
+            .replay_cache()
+            .expect("read")
+            .expect("a replay cache");
+        let cache = ReplayCache::from_wire(&cache).expect("decodes");
+        assert_eq!(cache.len(), SENDERS, "one entry per handshake");
+    }
 }

@@ -23,6 +23,7 @@ use crate::{
     control::{self, BackendError, ControlBackend, ControlErrorKind},
     error::NodeError,
     event_loop::{self, peer_of, strip_p2p, NetClient},
+    groups::service::GroupService,
     mailbox::{service::Service, ReplicaStore},
     messaging::{CollectReport, Messenger, PublishReport},
     storage::{Contact, Status, Storage, StoredMessage},
@@ -51,6 +52,8 @@ pub enum NodeEvent {
         /// The new status.
         status: Status,
     },
+    /// An invite into a group arrived (join it with [`NodeHandle::group_join`]).
+    GroupInvite(crate::groups::InviteView),
 }
 
 /// One connected peer, as `status` shows it.
@@ -80,16 +83,41 @@ pub struct NodeStatus {
     pub connected: Vec<ConnectedPeer>,
     /// Peers in the Kademlia routing table.
     pub routing_table_size: usize,
-    /// Reachability as far as known (`unknown` until AutoNAT runs).
+    /// Reachability as far as known: `public`, `private` (behind a NAT or firewall) or
+    /// `unknown` (until AutoNAT has tested an address).
     pub nat_status: String,
-    /// Relays holding a reservation for us.
+    /// The relayed addresses this node is reachable at (accepted reservations), ending in
+    /// `/p2p-circuit/p2p/PEER_ID`.
     pub relay_reservations: Vec<String>,
+    /// Relayed connections upgraded to direct ones by hole punching (DCUtR), since start.
+    pub hole_punches_succeeded: u64,
+    /// Hole punching attempts that failed (those conversations stay on the relay).
+    pub hole_punches_failed: u64,
+    /// On a home server: what it relays for others.
+    pub relay_server: Option<RelayServerStatus>,
+    /// LAN-only operation (no relays; Kademlia server among the LAN's nodes).
+    pub lan_only: bool,
+    /// Whether mDNS discovery runs.
+    pub mdns: bool,
     /// Mailbox replicas this node holds for others.
     pub mailbox_replicas_held: u64,
     /// DHT records this node holds (its own and others').
     pub dht_records_held: usize,
     /// Whether Kademlia runs in server mode (answers queries, stores records).
     pub dht_server: bool,
+}
+
+/// What a home server relays for others (`status` on `meshchat serve`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayServerStatus {
+    /// Peers' reservations held now.
+    pub reservations: u64,
+    /// Circuits relayed now.
+    pub circuits: u64,
+    /// Reservations refused (over the limits) since start.
+    pub reservations_refused: u64,
+    /// Circuits refused (over the limits, or no reservation) since start.
+    pub circuits_refused: u64,
 }
 
 /// How [`NodeHandle::send_text`] ended.
@@ -174,6 +202,7 @@ impl Node {
         let local_peer_id = *swarm.local_peer_id();
         let (mut event_loop, net, inbound_rx, addrs_rx, extras) =
             event_loop::new(swarm, config.limits.clone(), config.force_dht_server());
+        event_loop.nat_setup(&config);
         {
             let swarm = event_loop.swarm_mut();
             for addr in &config.listen {
@@ -230,7 +259,26 @@ impl Node {
             config.mailbox.clone(),
         ));
         messenger.ensure_prekeys().await?;
+        let (groups, group_sink) = GroupService::new(
+            storage.clone(),
+            identity.clone(),
+            local_peer_id,
+            net.clone(),
+            Arc::clone(&messenger),
+            Arc::clone(service.store()),
+            events.clone(),
+            addrs_rx.clone(),
+            config.groups.clone(),
+            config.mailbox.clone(),
+        )?;
+        // Before the messenger receives anything: group controls go to the group inbox.
+        messenger.set_group_sink(group_sink);
         let mut tasks = vec![loop_task];
+        tasks.extend(
+            groups
+                .start(extras.groups, extras.online.clone(), shutdown_rx.clone())
+                .await?,
+        );
         tasks.push(tokio::spawn(Arc::clone(&service).serve(
             extras.mailbox,
             pushed_tx,
@@ -246,6 +294,7 @@ impl Node {
                 net,
                 messenger,
                 service,
+                groups,
                 storage,
                 user_id: identity.user_id(),
                 peer_id: local_peer_id,
@@ -279,10 +328,11 @@ impl Node {
     }
 }
 
-struct Inner {
-    net: NetClient,
+pub(crate) struct Inner {
+    pub(crate) net: NetClient,
     messenger: Arc<Messenger>,
     service: Arc<Service>,
+    pub(crate) groups: Arc<GroupService>,
     storage: Storage,
     user_id: UserId,
     peer_id: PeerId,
@@ -295,7 +345,7 @@ struct Inner {
 /// A running node. Cheap to clone; every clone drives the same node.
 #[derive(Clone)]
 pub struct NodeHandle {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -346,8 +396,18 @@ impl NodeHandle {
                 })
                 .collect(),
             routing_table_size: s.routing_table_size,
-            nat_status: "unknown".into(),
-            relay_reservations: Vec::new(),
+            nat_status: s.nat.reachability.as_str().into(),
+            relay_reservations: s.nat.reservations.iter().map(ToString::to_string).collect(),
+            hole_punches_succeeded: s.nat.hole_punches_succeeded,
+            hole_punches_failed: s.nat.hole_punches_failed,
+            relay_server: s.nat.relay_server.map(|r| RelayServerStatus {
+                reservations: r.reservations as u64,
+                circuits: r.circuits as u64,
+                reservations_refused: r.reservations_refused,
+                circuits_refused: r.circuits_refused,
+            }),
+            lan_only: s.nat.lan_only,
+            mdns: s.nat.mdns,
             mailbox_replicas_held: self.inner.service.store().totals().0,
             dht_records_held: s.dht_records_held,
             dht_server: s.dht_server,
@@ -424,6 +484,28 @@ impl NodeHandle {
         self.inner
             .net
             .local_record(key)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// Test hook, not a supported API: refuse every connection with `peers` (closing the open
+    /// ones) until [`NodeHandle::unblock_peers`]. `simulations/` partitions a network with it.
+    #[doc(hidden)]
+    pub async fn block_peers(&self, peers: Vec<PeerId>) -> Result<(), NodeError> {
+        self.inner
+            .net
+            .set_blocked(peers, true)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// Test hook, not a supported API: accept connections with `peers` again (see
+    /// [`NodeHandle::block_peers`]; this also lifts a ban for misbehaviour).
+    #[doc(hidden)]
+    pub async fn unblock_peers(&self, peers: Vec<PeerId>) -> Result<(), NodeError> {
+        self.inner
+            .net
+            .set_blocked(peers, false)
             .await
             .map_err(|_| NodeError::Stopped)
     }
@@ -527,6 +609,18 @@ impl ControlBackend for NodeHandle {
             routing_table_size: s.routing_table_size as u64,
             nat_status: s.nat_status,
             relay_reservations: s.relay_reservations,
+            reachability: control::ReachabilityView {
+                hole_punches_succeeded: s.hole_punches_succeeded,
+                hole_punches_failed: s.hole_punches_failed,
+                relay_server: s.relay_server.map(|r| control::RelayServerView {
+                    reservations: r.reservations,
+                    circuits: r.circuits,
+                    reservations_refused: r.reservations_refused,
+                    circuits_refused: r.circuits_refused,
+                }),
+                lan_only: s.lan_only,
+                mdns: s.mdns,
+            },
             mailbox_replicas_held: s.mailbox_replicas_held,
         })
     }
@@ -569,6 +663,33 @@ impl ControlBackend for NodeHandle {
         Some(stream.boxed())
     }
 
+    fn conversation_events(
+        &self,
+    ) -> Option<futures::stream::BoxStream<'static, control::ConversationEvent>> {
+        use control::ConversationEvent;
+        use futures::StreamExt;
+        let rx = self.subscribe();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                let event = match rx.recv().await {
+                    Ok(NodeEvent::MessageReceived(m)) => {
+                        ConversationEvent::Received { peer: m.peer }
+                    }
+                    Ok(NodeEvent::MessageStatus { id, peer, status }) => {
+                        ConversationEvent::Status { peer, id, status }
+                    }
+                    // Events of other kinds (groups, …) do not concern a conversation.
+                    #[allow(unreachable_patterns)]
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => ConversationEvent::Rescan,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                return Some((event, rx));
+            }
+        });
+        Some(stream.boxed())
+    }
+
     async fn add_contact(
         &self,
         name: String,
@@ -583,16 +704,21 @@ impl ControlBackend for NodeHandle {
         let mut by_peer: std::collections::BTreeMap<PublicIdentity, Vec<[u8; 16]>> =
             std::collections::BTreeMap::new();
         for m in shown {
-            if m.direction == crate::storage::Direction::In && m.status != Status::Read {
+            // Group messages get no read receipts (the author learns nothing of who read).
+            if m.direction == crate::storage::Direction::In
+                && m.status != Status::Read
+                && m.group.is_none()
+            {
                 by_peer.entry(m.peer).or_default().push(m.id);
             }
         }
         for (peer, ids) in by_peer {
             // Receipts may wait for an unreachable peer; do not hold up the listing.
+            // They are marked read in storage already: only the receipts are left to send.
             let handle = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle.mark_read(peer, ids).await {
-                    tracing::debug!(error = %e, "marking messages read failed");
+                if let Err(e) = handle.inner.messenger.send_read_receipts(peer, ids).await {
+                    tracing::debug!(error = %e, "sending read receipts failed");
                 }
             });
         }
@@ -601,5 +727,36 @@ impl ControlBackend for NodeHandle {
     async fn shutdown(&self) -> Result<(), BackendError> {
         self.stop_tasks().await;
         Ok(())
+    }
+
+    async fn group(
+        &self,
+        request: control::GroupRequest,
+    ) -> Result<control::GroupAnswer, BackendError> {
+        use control::{GroupAnswer, GroupRequest};
+        let answer = match request {
+            GroupRequest::Create { name } => self.group_create(&name).await.map(GroupAnswer::Group),
+            GroupRequest::Invite { group, contact } => self
+                .group_invite(&group, &contact)
+                .await
+                .map(GroupAnswer::Invite),
+            GroupRequest::Invites => self.group_invites().await.map(GroupAnswer::Invites),
+            GroupRequest::Join { code } => self.group_join(&code).await.map(GroupAnswer::Group),
+            GroupRequest::Send { group, text } => {
+                self.group_send(&group, text).await.map(GroupAnswer::Sent)
+            }
+            GroupRequest::Members { group } => {
+                self.group_members(&group).await.map(GroupAnswer::Members)
+            }
+            GroupRequest::Leave { group } => {
+                self.group_leave(&group).await.map(|()| GroupAnswer::Done)
+            }
+            GroupRequest::Remove { group, member } => self
+                .group_remove(&group, &member)
+                .await
+                .map(|()| GroupAnswer::Done),
+            GroupRequest::List => self.group_list().await.map(GroupAnswer::Groups),
+        };
+        answer.map_err(backend_error)
     }
 }

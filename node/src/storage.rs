@@ -8,7 +8,20 @@
 //!   session, prekey and replay-cache changes, its message and its "seen" mark
 //!   ([`Storage::commit_incoming`]). A crash leaves either all of it or none of it.
 //! - Writes that a user was told about or that were acknowledged to a peer are synced to disk
-//!   (`WriteOptions::set_sync(true)`): a message `send` reported as sent survives `kill -9`.
+//!   before the call that makes them returns: a message `send` reported as sent survives
+//!   `kill -9` and a power failure.
+//! - Group commit: the hot commits ([`Storage::commit_outgoing`], [`Storage::commit_incoming`],
+//!   status changes) write their batch without waiting for the disk, release the write lock,
+//!   and then wait until one `fsync` of the write-ahead log covers their batch
+//!   ([`Storage::wait_durable`]). One caller at a time runs that `fsync` for every batch
+//!   written before it started, so concurrent commits share one sync instead of queueing for
+//!   one each. Between the write and the sync a batch is visible to readers of this process;
+//!   whoever tells a peer or the user about state it read must first wait for
+//!   [`Storage::sync_barrier`] (an acknowledgement of a duplicate, an outbox resend).
+//! - The one deliberate exception: the `delivered` mark ([`Storage::mark_delivered`]) is not
+//!   waited for. Losing it in a power failure only brings back the outbox entry it deleted; the
+//!   entry is resent, the recipient answers the duplicate with an acknowledgement, and the mark
+//!   is written again. Any later synced write (RocksDB's log is sequential) makes it durable too.
 //! - Every value this module owns is encoded with the protocol's `wire` format under a stated
 //!   limit; a damaged value on disk is a typed [`StorageError::Corrupt`], never a panic.
 //!   Protocol-owned values (ratchet sessions, prekey secrets, the replay cache, envelopes) are
@@ -27,7 +40,7 @@
 //! | `sessions` | identity (32) | caller bytes (a `SessionRecord`) |
 //! | `messages` | `M` ‖ peer (32) ‖ direction (1) ‖ id (16) | `MessageRecord` (arrival index + [`StoredMessage`]) |
 //! | `messages` | `A` ‖ arrival index (u64 BE) | the `M` key |
-//! | `messages` | `C` ‖ peer (32) ‖ direction (1) ‖ seq (u64 BE) ‖ id (16) | empty (conversation order) |
+//! | `messages` | `C` ‖ peer (32) ‖ direction (1) ‖ seq (u64 BE) ‖ id (16) | empty (conversation order; not for group messages) |
 //! | `messages` | `O` ‖ id (16) | peer (32) of our outgoing message with that id |
 //! | `messages` | `S` ‖ peer (32) | next outgoing seq (`StoredCounter`) |
 //! | `outbox` | message id (16) | [`OutboxEntry`] |
@@ -36,6 +49,7 @@
 //! | `replay` | `cache` | caller bytes (a `ReplayCache`) |
 //! | `seen` | envelope id (32) | time first seen, ms (`StoredCounter`) |
 //! | `meta` | `arrival_next` / `bootstrap` | `StoredCounter` / `StoredBootstrap` |
+//! | `groups` | see `crate::groups::store` | group state, chains, invites |
 //!
 //! Direction bytes: `0` incoming, `1` outgoing.
 
@@ -44,14 +58,14 @@ use std::{
     io::ErrorKind as IoErrorKind,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use meshchat_protocol::{impl_wire, Identity, PublicIdentity, UserId, Wire, WireError};
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, Direction as IterDirection, IteratorMode, Options,
-    WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction as IterDirection,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -67,7 +81,9 @@ const CF_SEEN: &str = "seen";
 const CF_META: &str = "meta";
 /// Envelopes this node keeps as a mailbox replica for others (`crate::mailbox::store`).
 pub(crate) const CF_REPLICAS: &str = "replicas";
-const COLUMN_FAMILIES: [&str; 10] = [
+/// Group state, sender and receiver chains, invites (`crate::groups::store`).
+pub(crate) const CF_GROUPS: &str = "groups";
+const COLUMN_FAMILIES: [&str; 11] = [
     CF_IDENTITY,
     CF_CONTACTS,
     CF_SESSIONS,
@@ -78,6 +94,7 @@ const COLUMN_FAMILIES: [&str; 10] = [
     CF_SEEN,
     CF_META,
     CF_REPLICAS,
+    CF_GROUPS,
 ];
 
 const KEY_SEED: &[u8] = b"seed";
@@ -107,6 +124,35 @@ pub const MAX_BOOTSTRAP_ADDR_BYTES: usize = 512;
 
 /// The name of the file, beside `db/`, holding the pid of the process that has the home open.
 const PID_FILE: &str = "meshchat.pid";
+
+/// All memtables of all column families together; above it RocksDB flushes the largest.
+/// (Unbounded, each of the dozen column families could hold two 64 MiB memtables.)
+const MEMTABLE_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+/// One column family's memtable size before it is flushed.
+const MEMTABLE_BYTES: usize = 4 * 1024 * 1024;
+/// The block cache, shared by every column family (RocksDB's default is 32 MiB each).
+const BLOCK_CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest buffer of a file being written (the write-ahead log), instead of 1 MiB.
+const WRITE_BUFFER_BYTES: u64 = 256 * 1024;
+
+/// Database-wide memory bounds (`docs/performance.md`, "Memory").
+fn tune_memory(opts: &mut Options) {
+    opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+    opts.set_writable_file_max_buffer_size(WRITE_BUFFER_BYTES);
+    // No periodic statistics dumps into the info log, nor their in-memory history.
+    opts.set_stats_dump_period_sec(0);
+    opts.set_stats_persist_period_sec(0);
+}
+
+/// The options of every column family: small memtables and the one shared block cache.
+fn cf_options(cache: &Cache) -> Options {
+    let mut opts = Options::default();
+    opts.set_write_buffer_size(MEMTABLE_BYTES);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    opts.set_block_based_table_factory(&table);
+    opts
+}
 
 /// What went wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -428,6 +474,9 @@ pub struct StoredMessage {
     pub body: String,
     /// Delivery status.
     pub status: Status,
+    /// For a group message, the group's id: `peer` is then its author (ourselves for our own),
+    /// and the message is in no 1:1 conversation. `None` for 1:1 messages.
+    pub group: Option<[u8; 32]>,
 }
 
 /// A message and its arrival index, as stored.
@@ -598,7 +647,31 @@ struct Inner {
     home: PathBuf,
     /// Serialises read-check-write sequences (seen check, counters, contact uniqueness).
     write_lock: Mutex<()>,
+    /// Group commit: how many batches were written and how many of them are known synced.
+    sync: Mutex<SyncState>,
+    /// Signalled whenever a sync of the write-ahead log ends.
+    synced: Condvar,
 }
+
+/// Group-commit bookkeeping ([`Storage::wait_durable`]). Batches are numbered in the order their
+/// writes returned; a sync that starts after batch `n` returned covers batches `1..=n`.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Batches written so far.
+    written: u64,
+    /// Every batch up to this number is on disk.
+    synced: u64,
+    /// A thread is syncing the write-ahead log right now.
+    syncing: bool,
+    /// Syncs run so far.
+    syncs: u64,
+}
+
+/// A batch that is in the database but perhaps not yet on disk: [`Storage::wait_durable`]
+/// returns once it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "a pending write is not durable until `Storage::wait_durable` returns"]
+pub struct PendingWrite(u64);
 
 /// The RocksDB of one home. Cheap to clone; all clones share one database.
 #[derive(Clone)]
@@ -636,6 +709,8 @@ impl Storage {
         opts.set_keep_log_file_num(4);
         opts.set_max_open_files(256);
         opts.set_max_total_wal_size(64 * 1024 * 1024);
+        tune_memory(&mut opts);
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
 
         // Column families created by a later version are opened too (RocksDB requires it).
         let mut names: Vec<String> = COLUMN_FAMILIES.iter().map(|s| (*s).to_owned()).collect();
@@ -648,7 +723,7 @@ impl Storage {
         }
         let descriptors = names
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(&cache)));
         let db = DB::open_cf_descriptors(&opts, &db_path, descriptors).map_err(|source| {
             if is_lock_error(&source) {
                 StorageError::HomeInUse {
@@ -676,6 +751,8 @@ impl Storage {
                 db,
                 home: home.to_path_buf(),
                 write_lock: Mutex::new(()),
+                sync: Mutex::new(SyncState::default()),
+                synced: Condvar::new(),
             }),
         })
     }
@@ -695,6 +772,108 @@ impl Storage {
     /// The database and the mailbox-replica column family (owned by `crate::mailbox::store`).
     pub(crate) fn replica_cf(&self) -> (&DB, &ColumnFamily) {
         (&self.inner.db, self.cf(CF_REPLICAS))
+    }
+
+    /// The database and the group column family (owned by `crate::groups::store`; written only
+    /// through [`Storage::commit_group`]).
+    pub(crate) fn group_cf(&self) -> (&DB, &ColumnFamily) {
+        (&self.inner.db, self.cf(CF_GROUPS))
+    }
+
+    /// Commit group state (`puts` and `deletes` in the `groups` column family) and, if given, a
+    /// group message, in one batch; durable when this returns. Returns the message's arrival
+    /// index, or `None` when there is no message or one with its id is stored already for that
+    /// peer and direction (it is not stored twice).
+    pub(crate) fn commit_group(
+        &self,
+        puts: &[(Vec<u8>, Vec<u8>)],
+        deletes: &[Vec<u8>],
+        message: Option<&StoredMessage>,
+    ) -> Result<Option<u64>, StorageError> {
+        for (_, value) in puts {
+            Self::check_blob("group state", value)?;
+        }
+        if let Some(m) = message {
+            if m.group.is_none() {
+                return Err(StorageError::Inconsistent(
+                    "commit_group needs a group message",
+                ));
+            }
+            Self::check_message(m)?;
+        }
+        let guard = self.lock();
+        let cf = self.cf(CF_GROUPS);
+        let mut batch = WriteBatch::default();
+        for key in deletes {
+            batch.delete_cf(cf, key);
+        }
+        for (key, value) in puts {
+            batch.put_cf(cf, key, value);
+        }
+        let mut index = None;
+        if let Some(m) = message {
+            let duplicate = self
+                .get(CF_MESSAGES, &message_key(&m.peer, m.direction, &m.id))?
+                .is_some();
+            if !duplicate {
+                index = Some(self.stage_message(&mut batch, m)?);
+            }
+        }
+        let pending = self.write_pending(batch, false, "committing group state")?;
+        drop(guard);
+        self.wait_durable(pending)?;
+        Ok(index)
+    }
+
+    /// Commit an outgoing control envelope (no message is shown for it): the new session state,
+    /// its outbox entry (retried like a message's) and the index that names `peer` as the
+    /// recipient of `message_id`, in one batch; durable when this returns.
+    pub(crate) fn commit_outgoing_control(
+        &self,
+        peer: &PublicIdentity,
+        session_bytes: &[u8],
+        message_id: &[u8; 16],
+        envelope_bytes: &[u8],
+    ) -> Result<(), StorageError> {
+        Self::check_blob("session", session_bytes)?;
+        if envelope_bytes.len() > MAX_STORED_ENVELOPE_BYTES {
+            return Err(StorageError::TooLarge {
+                what: "envelope",
+                len: envelope_bytes.len(),
+                limit: MAX_STORED_ENVELOPE_BYTES,
+            });
+        }
+        let guard = self.lock();
+        if self
+            .get(CF_MESSAGES, &outgoing_id_key(message_id))?
+            .is_some()
+        {
+            return Err(StorageError::Inconsistent(
+                "an outgoing message with this id exists already",
+            ));
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_SESSIONS), peer.as_bytes(), session_bytes);
+        let entry = OutboxEntry {
+            message_id: *message_id,
+            peer: *peer,
+            envelope: envelope_bytes.to_vec(),
+            attempts: 0,
+            next_attempt_ms: 0,
+        };
+        batch.put_cf(
+            self.cf(CF_OUTBOX),
+            message_id,
+            encode("outbox entry", &entry)?,
+        );
+        batch.put_cf(
+            self.cf(CF_MESSAGES),
+            outgoing_id_key(message_id),
+            peer.as_bytes(),
+        );
+        let pending = self.write_pending(batch, false, "committing a control envelope")?;
+        drop(guard);
+        self.wait_durable(pending)
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -725,9 +904,72 @@ impl Storage {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool, op: &'static str) -> Result<(), StorageError> {
+        self.write_pending(batch, sync, op).map(|_| ())
+    }
+
+    /// Write `batch` (synced or not) and number it for [`Storage::wait_durable`].
+    fn write_pending(
+        &self,
+        batch: WriteBatch,
+        sync: bool,
+        op: &'static str,
+    ) -> Result<PendingWrite, StorageError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.inner.db.write_opt(batch, &wo).map_err(db_err(op))
+        self.inner.db.write_opt(batch, &wo).map_err(db_err(op))?;
+        let mut state = self.sync_state();
+        state.written += 1;
+        Ok(PendingWrite(state.written))
+    }
+
+    fn sync_state(&self) -> MutexGuard<'_, SyncState> {
+        // The state is a few counters, consistent after any panic.
+        self.inner
+            .sync
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Block until `pending` is on disk. If no sync is running, this caller syncs the
+    /// write-ahead log for every batch written so far; otherwise it waits for the running sync
+    /// and, if that one started before `pending` was written, for the next. Concurrent commits
+    /// therefore share `fsync`s (group commit).
+    pub fn wait_durable(&self, pending: PendingWrite) -> Result<(), StorageError> {
+        let mut state = self.sync_state();
+        loop {
+            if state.synced >= pending.0 {
+                return Ok(());
+            }
+            if state.syncing {
+                state = self
+                    .inner
+                    .synced
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                continue;
+            }
+            // Every batch numbered up to `target` was written before this sync starts, so the
+            // sync covers it (RocksDB's `SyncWAL` syncs all live log files).
+            let target = state.written;
+            state.syncing = true;
+            drop(state);
+            let result = self.inner.db.flush_wal(true);
+            state = self.sync_state();
+            state.syncing = false;
+            if result.is_ok() {
+                state.synced = state.synced.max(target);
+                state.syncs += 1;
+            }
+            self.inner.synced.notify_all();
+            result.map_err(db_err("syncing the write-ahead log"))?;
+        }
+    }
+
+    /// Block until everything written so far is on disk (cheap when it already is). Call this
+    /// before acting outside the process on state that was read from the database.
+    pub fn sync_barrier(&self) -> Result<(), StorageError> {
+        let written = PendingWrite(self.sync_state().written);
+        self.wait_durable(written)
     }
 
     fn put_one(
@@ -1066,7 +1308,9 @@ impl Storage {
         };
         batch.put_cf(cf, &key, encode("message", &record)?);
         batch.put_cf(cf, arrival_key(index), &key);
-        batch.put_cf(cf, conversation_key(m), []);
+        if m.group.is_none() {
+            batch.put_cf(cf, conversation_key(m), []);
+        }
         if m.direction == Direction::Out {
             batch.put_cf(cf, outgoing_id_key(&m.id), m.peer.as_bytes());
         }
@@ -1096,6 +1340,24 @@ impl Storage {
         envelope_bytes: &[u8],
         next_seq: u64,
     ) -> Result<u64, StorageError> {
+        let (index, pending) =
+            self.commit_outgoing_pending(peer, session_bytes, message, envelope_bytes, next_seq)?;
+        self.wait_durable(pending)?;
+        Ok(index)
+    }
+
+    /// As [`Storage::commit_outgoing`], without waiting for the disk: the batch is written (and
+    /// visible to this process) when this returns, durable once [`Storage::wait_durable`] returns
+    /// for the [`PendingWrite`]. Lets the caller release its own locks before the sync, so that
+    /// concurrent commits share it.
+    pub fn commit_outgoing_pending(
+        &self,
+        peer: &PublicIdentity,
+        session_bytes: &[u8],
+        message: &StoredMessage,
+        envelope_bytes: &[u8],
+        next_seq: u64,
+    ) -> Result<(u64, PendingWrite), StorageError> {
         if message.direction != Direction::Out || message.peer != *peer {
             return Err(StorageError::Inconsistent(
                 "commit_outgoing needs an outgoing message to `peer`",
@@ -1139,8 +1401,8 @@ impl Storage {
             seq_key(peer),
             encode("sequence counter", &StoredCounter { value: next_seq })?,
         );
-        self.write(batch, true, "committing an outgoing message")?;
-        Ok(index)
+        let pending = self.write_pending(batch, false, "committing an outgoing message")?;
+        Ok((index, pending))
     }
 
     /// Whether the envelope with this id was processed already.
@@ -1151,18 +1413,18 @@ impl Storage {
     /// Record an envelope as processed without other changes (e.g. one that could not be
     /// opened), so it is not tried again. Returns false if it was already marked.
     pub fn mark_seen(&self, envelope_id: &[u8; 32]) -> Result<bool, StorageError> {
-        let _guard = self.lock();
+        let guard = self.lock();
         if self.seen(envelope_id)? {
+            drop(guard);
+            self.sync_barrier()?;
             return Ok(false);
         }
         let value = encode("seen mark", &StoredCounter { value: now_ms() })?;
-        self.put_one(
-            CF_SEEN,
-            envelope_id,
-            &value,
-            true,
-            "marking an envelope seen",
-        )?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_SEEN), envelope_id, value);
+        let pending = self.write_pending(batch, false, "marking an envelope seen")?;
+        drop(guard);
+        self.wait_durable(pending)?;
         Ok(true)
     }
 
@@ -1189,7 +1451,8 @@ impl Storage {
     /// Commit everything an incoming envelope changed, in one synced batch: the seen mark, the
     /// sender's session, the prekey secrets and replay cache if they changed, and the message if
     /// it carried one. An envelope already seen changes nothing ([`IncomingOutcome::Duplicate`]);
-    /// a message id already stored for this sender is not stored twice.
+    /// a message id already stored for this sender is not stored twice. Whatever the outcome,
+    /// it is on disk when this returns (a duplicate's first copy included).
     pub fn commit_incoming(
         &self,
         envelope_id: &[u8; 32],
@@ -1199,6 +1462,30 @@ impl Storage {
         replay_bytes: Option<&[u8]>,
         message: Option<&StoredMessage>,
     ) -> Result<IncomingOutcome, StorageError> {
+        let (outcome, pending) = self.commit_incoming_pending(
+            envelope_id,
+            sender,
+            session_bytes,
+            prekeys_bytes,
+            replay_bytes,
+            message,
+        )?;
+        self.wait_durable(pending)?;
+        Ok(outcome)
+    }
+
+    /// As [`Storage::commit_incoming`], without waiting for the disk: acknowledge the envelope
+    /// only once [`Storage::wait_durable`] returned for the [`PendingWrite`] (for a duplicate it
+    /// stands for every write so far, the first copy's commit among them).
+    pub fn commit_incoming_pending(
+        &self,
+        envelope_id: &[u8; 32],
+        sender: &PublicIdentity,
+        session_bytes: &[u8],
+        prekeys_bytes: Option<&[u8]>,
+        replay_bytes: Option<&[u8]>,
+        message: Option<&StoredMessage>,
+    ) -> Result<(IncomingOutcome, PendingWrite), StorageError> {
         Self::check_blob("session", session_bytes)?;
         if let Some(b) = prekeys_bytes {
             Self::check_blob("prekey secrets", b)?;
@@ -1216,7 +1503,10 @@ impl Storage {
         }
         let _guard = self.lock();
         if self.seen(envelope_id)? {
-            return Ok(IncomingOutcome::Duplicate);
+            return Ok((
+                IncomingOutcome::Duplicate,
+                PendingWrite(self.sync_state().written),
+            ));
         }
         let mut batch = WriteBatch::default();
         batch.put_cf(
@@ -1244,8 +1534,8 @@ impl Storage {
                 };
             }
         }
-        self.write(batch, true, "committing an incoming envelope")?;
-        Ok(outcome)
+        let pending = self.write_pending(batch, false, "committing an incoming envelope")?;
+        Ok((outcome, pending))
     }
 
     fn read_message_at(&self, key: &[u8]) -> Result<Option<MessageRecord>, StorageError> {
@@ -1425,7 +1715,7 @@ impl Storage {
         message_id: &[u8; 16],
         status: Status,
     ) -> Result<Option<StoredMessage>, StorageError> {
-        let _guard = self.lock();
+        let guard = self.lock();
         let peer = self
             .outgoing_peer(message_id)?
             .ok_or_else(|| StorageError::UnknownMessage {
@@ -1438,7 +1728,9 @@ impl Storage {
             status,
         )?;
         if changed.is_some() {
-            self.write(batch, true, "updating a message status")?;
+            let pending = self.write_pending(batch, false, "updating a message status")?;
+            drop(guard);
+            self.wait_durable(pending)?;
         }
         Ok(changed)
     }
@@ -1513,13 +1805,14 @@ impl Storage {
         self.put_one(CF_OUTBOX, message_id, &bytes, false, "rescheduling")
     }
 
-    /// The recipient acknowledged `message_id`: in one synced batch, drop its outbox entry and
-    /// mark it delivered. Returns the updated message if its status changed.
+    /// The recipient acknowledged `message_id`: in one batch, drop its outbox entry and mark it
+    /// delivered. Returns the updated message if its status changed. Not waited for (see the
+    /// module's guarantees: a lost mark is recomputed by resending the outbox entry).
     pub fn mark_delivered(
         &self,
         message_id: &[u8; 16],
     ) -> Result<Option<StoredMessage>, StorageError> {
-        self.finish_outgoing(message_id, Status::Delivered)
+        self.finish_outgoing(message_id, Status::Delivered, false)
     }
 
     /// `message_id` is stored on `replicas` mailbox replicas: in one synced batch, drop its
@@ -1529,20 +1822,23 @@ impl Storage {
         message_id: &[u8; 16],
         replicas: u32,
     ) -> Result<Option<StoredMessage>, StorageError> {
-        self.finish_outgoing(message_id, Status::Stored { replicas })
+        self.finish_outgoing(message_id, Status::Stored { replicas }, true)
     }
 
     /// Give up on `message_id`: drop its outbox entry and mark it failed (one synced batch).
     pub fn abandon(&self, message_id: &[u8; 16]) -> Result<Option<StoredMessage>, StorageError> {
-        self.finish_outgoing(message_id, Status::Failed)
+        self.finish_outgoing(message_id, Status::Failed, true)
     }
 
+    /// Drop the outbox entry of `message_id` and move it to `status`; with `durable`, return
+    /// only once that is on disk.
     fn finish_outgoing(
         &self,
         message_id: &[u8; 16],
         status: Status,
+        durable: bool,
     ) -> Result<Option<StoredMessage>, StorageError> {
-        let _guard = self.lock();
+        let guard = self.lock();
         let peer = self
             .outgoing_peer(message_id)?
             .ok_or_else(|| StorageError::UnknownMessage {
@@ -1555,7 +1851,11 @@ impl Storage {
             &message_key(&peer, Direction::Out, message_id),
             status,
         )?;
-        self.write(batch, true, "finishing an outgoing message")?;
+        let pending = self.write_pending(batch, false, "finishing an outgoing message")?;
+        drop(guard);
+        if durable {
+            self.wait_durable(pending)?;
+        }
         Ok(changed)
     }
 
@@ -1704,6 +2004,122 @@ mod tests {
         assert!(validate_contact_name(&"é".repeat(64)).is_ok());
         let uid = Identity::from_seed(&[1; 32]).user_id().to_string();
         assert!(validate_contact_name(&uid).is_err());
+    }
+
+    fn test_message(peer: &PublicIdentity, n: u8) -> StoredMessage {
+        StoredMessage {
+            id: [n; 16],
+            peer: *peer,
+            direction: Direction::Out,
+            seq: u64::from(n),
+            sent_at_ms: 1,
+            received_at_ms: 1,
+            body: format!("message {n}"),
+            status: Status::Queued,
+            group: None,
+        }
+    }
+
+    #[test]
+    fn one_sync_covers_every_batch_written_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let peer = Identity::from_seed(&[2; 32]).public();
+        let syncs = || storage.sync_state().syncs;
+        let before = syncs();
+        let pending: Vec<PendingWrite> = (1..=5u8)
+            .map(|n| {
+                storage
+                    .commit_outgoing_pending(&peer, b"state", &test_message(&peer, n), b"env", 9)
+                    .expect("commit")
+                    .1
+            })
+            .collect();
+        // Written and visible before any sync.
+        assert_eq!(syncs(), before);
+        assert!(storage
+            .message(&peer, Direction::Out, &[3; 16])
+            .expect("read")
+            .is_some());
+        storage.wait_durable(pending[4]).expect("durable");
+        assert_eq!(syncs(), before + 1, "one sync for the last batch");
+        for p in &pending[..4] {
+            storage.wait_durable(*p).expect("durable");
+        }
+        assert_eq!(syncs(), before + 1, "the earlier batches rode on that sync");
+        storage.sync_barrier().expect("barrier");
+        assert_eq!(syncs(), before + 1, "nothing new to sync");
+        // A delivered mark is written without a sync; a barrier then syncs it.
+        storage.mark_delivered(&[1; 16]).expect("delivered");
+        assert_eq!(syncs(), before + 1);
+        storage.sync_barrier().expect("barrier");
+        assert_eq!(syncs(), before + 2);
+        drop(storage);
+        let storage = Storage::open(dir.path()).expect("reopen");
+        assert_eq!(storage.outbox().expect("outbox").len(), 4);
+        let (_, m) = storage
+            .message(&peer, Direction::Out, &[1; 16])
+            .expect("read")
+            .expect("stored");
+        assert_eq!(m.status, Status::Delivered);
+    }
+
+    #[test]
+    fn concurrent_commits_all_persist_with_at_most_one_sync_each() {
+        const THREADS: u8 = 16;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let peer = Identity::from_seed(&[3; 32]).public();
+        let before = storage.sync_state().syncs;
+        let start = Arc::new(std::sync::Barrier::new(usize::from(THREADS)));
+        let threads: Vec<_> = (1..=THREADS)
+            .map(|n| {
+                let storage = storage.clone();
+                let start = Arc::clone(&start);
+                std::thread::spawn(move || {
+                    start.wait();
+                    storage
+                        .commit_outgoing(&peer, b"state", &test_message(&peer, n), b"env", 1)
+                        .expect("commit");
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let syncs = storage.sync_state().syncs - before;
+        assert!(
+            (1..=u64::from(THREADS)).contains(&syncs),
+            "{syncs} syncs for {THREADS} commits"
+        );
+        drop(storage);
+        let storage = Storage::open(dir.path()).expect("reopen");
+        assert_eq!(
+            storage.outbox().expect("outbox").len(),
+            usize::from(THREADS)
+        );
+    }
+
+    #[test]
+    fn a_duplicate_incoming_envelope_waits_for_the_first_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let sender = Identity::from_seed(&[4; 32]).public();
+        let (first, p1) = storage
+            .commit_incoming_pending(&[9; 32], &sender, b"state", None, None, None)
+            .expect("commit");
+        assert_eq!(first, IncomingOutcome::New { index: None });
+        let (again, p2) = storage
+            .commit_incoming_pending(&[9; 32], &sender, b"state", None, None, None)
+            .expect("commit");
+        assert_eq!(again, IncomingOutcome::Duplicate);
+        // Acknowledging the duplicate waits for the first copy's batch.
+        assert!(p2 >= p1);
+        let before = storage.sync_state().syncs;
+        storage.wait_durable(p2).expect("durable");
+        assert_eq!(storage.sync_state().syncs, before + 1);
+        storage.wait_durable(p1).expect("durable");
+        assert_eq!(storage.sync_state().syncs, before + 1);
     }
 
     #[test]

@@ -12,8 +12,10 @@ use futures::stream::BoxStream;
 use meshchat_node::{
     control::{
         self, BackendError, Client, ControlBackend, ControlError, ControlErrorKind, ControlRequest,
-        ControlResponse, NodeStatusView, SendOutcome, SendOutcomeReport, StatusView,
+        ControlResponse, ConversationView, ConversationWith, GroupAnswer, GroupRequest,
+        NodeStatusView, SendOutcome, SendOutcomeReport, StatusView,
     },
+    groups::GroupView,
     storage::{Direction, Status, Storage, StoredMessage},
 };
 use meshchat_protocol::{Identity, PublicIdentity, SafetyNumber};
@@ -53,6 +55,7 @@ impl ControlBackend for TestBackend {
             nat_status: "unknown".into(),
             relay_reservations: vec![],
             mailbox_replicas_held: 0,
+            reachability: Default::default(),
         })
     }
     async fn send_text(
@@ -129,6 +132,7 @@ fn incoming(from: &PublicIdentity, id: u8, body: &str) -> StoredMessage {
         received_at_ms: 1_700_000_000_500,
         body: body.into(),
         status: Status::Delivered,
+        group: None,
     }
 }
 
@@ -679,5 +683,473 @@ async fn local_requests_use_the_same_validation_and_dispatch() {
     assert_eq!(
         rx.recv().await.as_ref().and_then(error_kind),
         Some(ControlErrorKind::Unavailable)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversation, Conversations, MarkRead (the interactive chat)
+// ---------------------------------------------------------------------------------------------
+
+fn carol() -> PublicIdentity {
+    Identity::from_seed(&[3; 32]).public()
+}
+
+/// Our message `id` to `to`, committed as `send` does (queued in the outbox).
+fn send_out(storage: &Storage, to: &PublicIdentity, id: u8, body: &str, at_ms: u64) {
+    let m = StoredMessage {
+        id: [id; 16],
+        peer: *to,
+        direction: Direction::Out,
+        seq: u64::from(id),
+        sent_at_ms: at_ms,
+        received_at_ms: at_ms,
+        body: body.into(),
+        status: Status::Queued,
+        group: None,
+    };
+    storage
+        .commit_outgoing(to, b"session", &m, b"envelope", u64::from(id) + 1)
+        .expect("commits");
+}
+
+fn texts_of(items: &[ControlResponse]) -> Vec<(String, bool, StatusView)> {
+    items
+        .iter()
+        .filter_map(|r| match r {
+            ControlResponse::Message(m) => Some((m.text.clone(), m.outgoing, m.status)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The next item of a followed conversation, within 5 s.
+async fn next_item(c: &mut Client) -> ControlResponse {
+    tokio::time::timeout(Duration::from_secs(5), c.next_response())
+        .await
+        .expect("an item in time")
+        .expect("an item")
+}
+
+#[tokio::test]
+async fn a_conversation_lists_both_directions_and_follows_messages_and_statuses() {
+    let f = fixture().await;
+    let storage = f.backend.storage.clone();
+    storage.add_contact("bob", &bob()).expect("adds");
+    storage.add_contact("carol", &carol()).expect("adds");
+    receive(&storage, &bob(), 1, "one from bob");
+    send_out(&storage, &bob(), 2, "mine to bob", 1_700_000_001_000);
+    receive(&storage, &carol(), 5, "carol elsewhere");
+
+    // Both directions of bob's conversation, in order, nothing of carol's, nothing marked read.
+    let mut c = client(&f.home).await;
+    let listing = ControlRequest::Conversation {
+        peer: "bob".into(),
+        after_index: None,
+        last: None,
+        follow: false,
+    };
+    let all = collect(&mut c, listing.clone()).await;
+    assert_eq!(
+        texts_of(&all),
+        [
+            ("one from bob".into(), false, StatusView::Delivered),
+            ("mine to bob".into(), true, StatusView::Queued),
+        ]
+    );
+    assert_eq!(all.last(), Some(&ControlResponse::End));
+    assert_eq!(
+        texts_of(&collect(&mut c, listing).await)[0].2,
+        StatusView::Delivered
+    );
+    // By user ID too; `last` keeps the end of the listing.
+    let last = collect(
+        &mut c,
+        ControlRequest::Conversation {
+            peer: bob().user_id().to_string(),
+            after_index: None,
+            last: Some(1),
+            follow: false,
+        },
+    )
+    .await;
+    assert_eq!(
+        texts_of(&last),
+        [("mine to bob".into(), true, StatusView::Queued)]
+    );
+
+    // Followed: the history, then status changes of ours and new messages as they happen.
+    let mut live = client(&f.home).await;
+    live.send(&ControlRequest::Conversation {
+        peer: "bob".into(),
+        after_index: None,
+        last: None,
+        follow: true,
+    })
+    .await
+    .expect("sends");
+    let history = [next_item(&mut live).await, next_item(&mut live).await];
+    assert_eq!(texts_of(&history).len(), 2);
+
+    storage
+        .set_status(&[2; 16], Status::Delivered)
+        .expect("status");
+    let _ = f.backend.wake.send(());
+    let ControlResponse::MessageStatus(s) = next_item(&mut live).await else {
+        panic!("expected a status change");
+    };
+    assert_eq!(
+        (s.id.as_str(), s.status, s.peer_user_id.as_str()),
+        (
+            hex::encode([2; 16]).as_str(),
+            StatusView::Delivered,
+            bob().user_id().to_string().as_str()
+        )
+    );
+
+    // Another conversation's message is not streamed; bob's next one is.
+    receive(&storage, &carol(), 6, "carol again");
+    let _ = f.backend.wake.send(());
+    receive(&storage, &bob(), 3, "three from bob");
+    send_out(&storage, &bob(), 4, "four from me", 1_700_000_004_000);
+    let _ = f.backend.wake.send(());
+    let mut news = vec![next_item(&mut live).await, next_item(&mut live).await];
+    assert_eq!(
+        texts_of(&news),
+        [
+            ("three from bob".into(), false, StatusView::Delivered),
+            ("four from me".into(), true, StatusView::Queued),
+        ]
+    );
+
+    // A status change nobody announced is found by the periodic re-read.
+    storage.set_status(&[2; 16], Status::Read).expect("status");
+    news.push(next_item(&mut live).await);
+    let Some(ControlResponse::MessageStatus(s)) = news.last() else {
+        panic!("expected a status change: {news:?}");
+    };
+    assert_eq!(
+        (s.id.clone(), s.status),
+        (hex::encode([2; 16]), StatusView::Read)
+    );
+    drop(live);
+
+    // MarkRead marks bob's incoming messages read; ids that are not bob's incoming ones are
+    // ignored; bad ids are refused.
+    let r = c
+        .call(&ControlRequest::MarkRead {
+            peer: "bob".into(),
+            ids: vec![
+                hex::encode([1; 16]),
+                hex::encode([3; 16]),
+                hex::encode([5; 16]),
+                hex::encode([2; 16]),
+            ],
+        })
+        .await
+        .expect("answer");
+    assert_eq!(r, ControlResponse::Done);
+    for (who, id, want) in [
+        (bob(), 1, Status::Read),
+        (bob(), 3, Status::Read),
+        (carol(), 5, Status::Delivered),
+    ] {
+        let (_, m) = storage
+            .message(&who, Direction::In, &[id; 16])
+            .expect("reads")
+            .expect("exists");
+        assert_eq!(m.status, want, "message {id}");
+    }
+    for ids in [vec![], vec!["zz".to_owned()], vec!["00".repeat(17)]] {
+        let r = c
+            .call(&ControlRequest::MarkRead {
+                peer: "bob".into(),
+                ids,
+            })
+            .await
+            .expect("answer");
+        assert_eq!(
+            error_kind(&r),
+            Some(ControlErrorKind::InvalidInput),
+            "{r:?}"
+        );
+    }
+    let r = c
+        .call(&ControlRequest::MarkRead {
+            peer: "nobody".into(),
+            ids: vec![hex::encode([1; 16])],
+        })
+        .await
+        .expect("answer");
+    assert_eq!(error_kind(&r), Some(ControlErrorKind::NotFound));
+
+    // The list: most recent first, unread counts, then contacts without messages.
+    storage
+        .add_contact("dave", &Identity::from_seed(&[4; 32]).public())
+        .expect("adds");
+    let list: Vec<_> = collect(&mut c, ControlRequest::Conversations)
+        .await
+        .into_iter()
+        .filter_map(|r| match r {
+            ControlResponse::Conversation(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    let rows: Vec<_> = list
+        .iter()
+        .map(|v| {
+            let ConversationWith::Peer { name, .. } = &v.with else {
+                panic!("no groups here: {v:?}");
+            };
+            (
+                name.clone().unwrap_or_default(),
+                v.messages,
+                v.unread,
+                v.last_text.clone(),
+                v.last_outgoing,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("bob".into(), 4, 0, Some("four from me".into()), true),
+            ("carol".into(), 2, 2, Some("carol again".into()), false),
+            ("dave".into(), 0, 0, None, false),
+        ]
+    );
+    assert_eq!(list[0].last_at_ms, Some(1_700_000_004_000));
+
+    // Following needs a node; storage alone says so.
+    let backend = Arc::new(control::StorageBackend::new(storage.clone()));
+    let mut rx = control::local_request(
+        backend,
+        ControlRequest::Conversation {
+            peer: "bob".into(),
+            after_index: None,
+            last: None,
+            follow: true,
+        },
+    );
+    assert_eq!(
+        rx.recv().await.as_ref().and_then(error_kind),
+        Some(ControlErrorKind::Unavailable)
+    );
+}
+
+/// The test backend with groups: `group(List)` answers `groups`.
+#[derive(Clone)]
+struct WithGroups {
+    inner: TestBackend,
+    groups: Vec<GroupView>,
+}
+
+#[async_trait::async_trait]
+impl ControlBackend for WithGroups {
+    fn storage(&self) -> &Storage {
+        self.inner.storage()
+    }
+    async fn status(&self) -> Result<NodeStatusView, BackendError> {
+        self.inner.status().await
+    }
+    async fn send_text(
+        &self,
+        to: PublicIdentity,
+        text: String,
+    ) -> Result<SendOutcomeReport, BackendError> {
+        self.inner.send_text(to, text).await
+    }
+    fn message_wakeups(&self) -> Option<BoxStream<'static, ()>> {
+        self.inner.message_wakeups()
+    }
+    async fn shutdown(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn group(&self, request: GroupRequest) -> Result<GroupAnswer, BackendError> {
+        match request {
+            GroupRequest::List => Ok(GroupAnswer::Groups(self.groups.clone())),
+            other => Err(BackendError::new(
+                ControlErrorKind::Unavailable,
+                format!("not in this test: {other:?}"),
+            )),
+        }
+    }
+}
+
+/// Everything a local request answered, up to its final response.
+async fn local(backend: &Arc<WithGroups>, request: ControlRequest) -> Vec<ControlResponse> {
+    let mut rx = control::local_request(backend.clone(), request.clone());
+    let mut out = Vec::new();
+    while let Some(r) = rx.recv().await {
+        let last = r.is_final(&request);
+        out.push(r);
+        if last {
+            break;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn group_conversations_are_listed_and_followed_apart_from_one_to_one() {
+    let f = fixture().await;
+    let storage = f.backend.storage.clone();
+    storage.add_contact("bob", &bob()).expect("adds");
+    let (weekend, quiet) = ([0xab; 32], [0xcd; 32]);
+    let view = |id: [u8; 32], name: &str| GroupView {
+        id: hex::encode(id),
+        name: name.into(),
+        epoch: 1,
+        members: 3,
+        role: "member".into(),
+        topic: "mc-g1-test".into(),
+    };
+    let backend = Arc::new(WithGroups {
+        inner: f.backend.clone(),
+        groups: vec![view(weekend, "weekend"), view(quiet, "quiet")],
+    });
+    // Bob writes in the group and to us directly; carol (not a contact) in the group.
+    let group_msg = |from: &PublicIdentity, id: u8, body: &str| {
+        let mut m = incoming(from, id, body);
+        m.group = Some(weekend);
+        storage
+            .commit_incoming(&[id; 32], from, b"session", None, None, Some(&m))
+            .expect("commits");
+    };
+    group_msg(&bob(), 1, "bob in the group");
+    receive(&storage, &bob(), 2, "bob to me");
+    group_msg(&carol(), 3, "carol in the group");
+
+    // The group's messages only, with their authors; bob's 1:1 conversation without them.
+    let items = local(
+        &backend,
+        ControlRequest::GroupConversation {
+            group: "weekend".into(),
+            last: None,
+            follow: false,
+        },
+    )
+    .await;
+    let shown: Vec<_> = items
+        .iter()
+        .filter_map(|r| match r {
+            ControlResponse::Message(m) => {
+                Some((m.text.as_str(), m.peer_user_id.clone(), m.peer_name.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (
+                "bob in the group",
+                bob().user_id().to_string(),
+                Some("bob".to_owned())
+            ),
+            ("carol in the group", carol().user_id().to_string(), None),
+        ]
+    );
+    let one_to_one = local(
+        &backend,
+        ControlRequest::Conversation {
+            peer: "bob".into(),
+            after_index: None,
+            last: None,
+            follow: false,
+        },
+    )
+    .await;
+    assert_eq!(
+        texts_of(&one_to_one),
+        [("bob to me".into(), false, StatusView::Delivered)]
+    );
+    // By id prefix too; an unknown group is refused.
+    let by_id = local(
+        &backend,
+        ControlRequest::GroupConversation {
+            group: hex::encode(weekend)[..10].to_owned(),
+            last: Some(1),
+            follow: false,
+        },
+    )
+    .await;
+    assert_eq!(texts_of(&by_id).len(), 1);
+    let unknown = local(
+        &backend,
+        ControlRequest::GroupConversation {
+            group: "nope".into(),
+            last: None,
+            follow: false,
+        },
+    )
+    .await;
+    assert_eq!(
+        unknown.last().and_then(error_kind),
+        Some(ControlErrorKind::NotFound)
+    );
+
+    // Followed: a new group message appears; a 1:1 message does not.
+    let mut rx = control::local_request(
+        backend.clone(),
+        ControlRequest::GroupConversation {
+            group: "weekend".into(),
+            last: None,
+            follow: true,
+        },
+    );
+    for _ in 0..2 {
+        assert!(matches!(rx.recv().await, Some(ControlResponse::Message(_))));
+    }
+    receive(&storage, &bob(), 4, "bob to me again");
+    group_msg(&bob(), 5, "bob in the group again");
+    let _ = f.backend.wake.send(());
+    let next = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("in time");
+    let Some(ControlResponse::Message(m)) = next else {
+        panic!("expected a message: {next:?}");
+    };
+    assert_eq!(m.text, "bob in the group again");
+    drop(rx);
+
+    // Group messages are marked read by author, without a receipt.
+    let r = local(
+        &backend,
+        ControlRequest::MarkRead {
+            peer: "bob".into(),
+            ids: vec![hex::encode([1; 16])],
+        },
+    )
+    .await;
+    assert_eq!(r, [ControlResponse::Done]);
+
+    // The list: the groups with their unread counts (the quiet one without messages), and bob.
+    let list: Vec<ConversationView> = local(&backend, ControlRequest::Conversations)
+        .await
+        .into_iter()
+        .filter_map(|r| match r {
+            ControlResponse::Conversation(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    let rows: Vec<(String, u64, u64)> = list
+        .iter()
+        .map(|v| {
+            let who = match &v.with {
+                ConversationWith::Peer { name, user_id, .. } => {
+                    name.clone().unwrap_or_else(|| user_id.clone())
+                }
+                ConversationWith::Group { name, members, .. } => format!("#{name} ({members})"),
+            };
+            (who, v.messages, v.unread)
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("#weekend (3)".to_owned(), 3, 2),
+            ("bob".to_owned(), 2, 2),
+            ("#quiet (3)".to_owned(), 0, 0),
+        ]
     );
 }

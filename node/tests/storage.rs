@@ -25,6 +25,7 @@ fn outgoing(to: &PublicIdentity, id: u8, seq: u64, body: &str) -> StoredMessage 
         received_at_ms: 1_000 + seq,
         body: body.into(),
         status: Status::Queued,
+        group: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn incoming(from: &PublicIdentity, id: u8, seq: u64, sent_at_ms: u64, body: &str
         received_at_ms: 5_000,
         body: body.into(),
         status: Status::Delivered,
+        group: None,
     }
 }
 

@@ -1,10 +1,11 @@
 //! Content: the application plaintext a ratchet message carries in a 1:1 conversation. See
 //! `docs/protocol.md`, section "Content".
 //!
-//! Two kinds exist: a [`Content::Text`] message (a random 16-byte id for deduplication and
+//! Three kinds exist: a [`Content::Text`] message (a random 16-byte id for deduplication and
 //! receipts, a per-conversation sequence number for ordering, the sender's clock in milliseconds
 //! and a UTF-8 body of at most [`MAX_TEXT_BYTES`]), and a [`Content::Receipt`] acknowledging
-//! that messages were delivered or read. Decode with [`Content::decode`], which applies the
+//! that messages were delivered or read, and [`Content::Group`] control messages of group
+//! channels (invites, sender keys, membership ops, rekeys; see [`crate::group`]). Decode with [`Content::decode`], which applies the
 //! limits after the wire decoder (the wire limit alone already bounds every allocation).
 
 use std::fmt;
@@ -12,7 +13,10 @@ use std::fmt;
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{Wire, WireError};
+use crate::{
+    group::{GroupControl, GroupError, MAX_GROUP_CONTROL_BYTES},
+    wire::{Wire, WireError},
+};
 
 /// The largest text body in bytes of UTF-8: the stated maximum message size. It leaves room for
 /// the session layer's headers inside the largest envelope bucket (64 KiB).
@@ -25,6 +29,8 @@ pub const MAX_CONTENT_BYTES: usize = 1 + 4 + 16 + 8 + 8 + 8 + MAX_TEXT_BYTES;
 
 // A maximal text must fit a session plaintext (and so an envelope).
 const _: () = assert!(MAX_CONTENT_BYTES <= crate::session::MAX_PLAINTEXT_BYTES);
+// The largest group control message (a 1,000-member invite) fits the same limit.
+const _: () = assert!(1 + 4 + (MAX_GROUP_CONTROL_BYTES - 1) <= MAX_CONTENT_BYTES);
 
 /// A message id: 16 random bytes chosen by the sender.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -65,6 +71,8 @@ pub enum ReceiptKind {
 }
 
 /// The plaintext of a 1:1 message.
+// Group control values (invites, ops) are large in memory; content values are short-lived.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Content {
     /// A text message (variant index 0).
@@ -85,6 +93,8 @@ pub enum Content {
         /// The acknowledged messages, 1 to [`MAX_RECEIPT_IDS`].
         ids: Vec<MessageId>,
     },
+    /// A group control message: invite, sender key, membership op or rekey (variant index 2).
+    Group(GroupControl),
 }
 
 crate::impl_wire!(Content, MAX_CONTENT_BYTES);
@@ -110,6 +120,7 @@ impl fmt::Debug for Content {
                 .field("kind", kind)
                 .field("ids", ids)
                 .finish(),
+            Self::Group(g) => f.debug_tuple("Group").field(g).finish(),
         }
     }
 }
@@ -139,6 +150,9 @@ pub enum ContentError {
     /// The bytes are not a content value.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// A group control message breaks a limit.
+    #[error("group control: {0}")]
+    Group(#[from] GroupError),
 }
 
 impl Content {
@@ -153,6 +167,7 @@ impl Content {
             Self::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
                 Err(ContentError::TooManyIds { count: ids.len() })
             }
+            Self::Group(g) => Ok(g.validate()?),
             _ => Ok(()),
         }
     }

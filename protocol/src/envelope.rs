@@ -396,7 +396,7 @@ fn decrypt_inner(recipient: &Identity, env: &Envelope) -> Result<SealedInner, En
     if !dh.was_contributory() {
         return Err(EnvelopeError::Undecryptable);
     }
-    let r_pub = recipient.public().x25519_public();
+    let r_pub = recipient.x25519_public();
     let k = envelope_key(&env.ephemeral, r_pub.as_bytes(), dh.as_bytes());
     let padded = Zeroizing::new(
         ChaCha20Poly1305::new(Key::from_slice(k.as_ref()))

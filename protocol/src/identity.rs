@@ -91,6 +91,10 @@ fn signed_message(domain: &[u8], msg: &[u8]) -> Vec<u8> {
 #[derive(Clone)]
 pub struct Identity {
     signing: SigningKey,
+    /// The X25519 forms of the key, derived once: every envelope opened and every pair secret
+    /// needs them, and deriving them costs a SHA-512 and a point conversion each time.
+    x25519_secret: x25519_dalek::StaticSecret,
+    x25519_public: x25519_dalek::PublicKey,
 }
 
 impl fmt::Debug for Identity {
@@ -111,8 +115,14 @@ impl Identity {
 
     /// The identity whose Ed25519 seed is `seed`.
     pub fn from_seed(seed: &[u8; 32]) -> Self {
+        let signing = SigningKey::from_bytes(seed);
+        let x25519_secret = x25519_dalek::StaticSecret::from(signing.to_scalar_bytes());
+        let x25519_public =
+            x25519_dalek::PublicKey::from(signing.verifying_key().to_montgomery().to_bytes());
         Self {
-            signing: SigningKey::from_bytes(seed),
+            signing,
+            x25519_secret,
+            x25519_public,
         }
     }
 
@@ -177,7 +187,13 @@ impl Identity {
 
     /// The X25519 secret equivalent to this Ed25519 key, for Diffie-Hellman.
     pub fn x25519_secret(&self) -> x25519_dalek::StaticSecret {
-        x25519_dalek::StaticSecret::from(self.signing.to_scalar_bytes())
+        self.x25519_secret.clone()
+    }
+
+    /// The X25519 public key equivalent to this Ed25519 key (the same as
+    /// `self.public().x25519_public()`, without converting again).
+    pub fn x25519_public(&self) -> x25519_dalek::PublicKey {
+        self.x25519_public
     }
 }
 
@@ -504,6 +520,13 @@ mod tests {
             .x25519_secret()
             .diffie_hellman(&a.public().x25519_public());
         assert_eq!(ab.as_bytes(), ba.as_bytes());
+        // The cached forms are the converted ones.
+        assert_eq!(a.x25519_public(), a.public().x25519_public());
+        assert_eq!(
+            a.x25519_public(),
+            x25519_dalek::PublicKey::from(&a.x25519_secret())
+        );
+        assert_ne!(a.x25519_public(), b.x25519_public());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod addressing;
 pub mod content;
 pub mod envelope;
+pub mod group;
 pub mod identity;
 pub mod mailbox;
 pub mod prekey;
@@ -19,6 +20,12 @@ pub use addressing::{
 };
 pub use content::{Content, ContentError, MessageId, ReceiptKind, MAX_TEXT_BYTES};
 pub use envelope::{Envelope, EnvelopeError, Opened};
+pub use group::{
+    group_key_id, group_mailbox, open_group, seal_group, topic_for, Applied, GroupBody,
+    GroupControl, GroupError, GroupId, GroupInvite, GroupPlaintext, GroupSnapshot, GroupState,
+    MembershipChange, MembershipOp, ReceiverChain, Role, SenderChain, SenderKeyDistribution,
+    VerifiedInvite, GROUP_TOPIC_PREFIX, MAX_GROUP_MEMBERS,
+};
 pub use identity::{Identity, IdentityError, PublicIdentity, SafetyNumber, UserId};
 pub use mailbox::{MailboxKeys, MailboxReject, MailboxRequest, MailboxResponse};
 pub use prekey::{BundleError, PrekeyBundle, PrekeyPublic, PrekeySecrets, VerifiedBundle};

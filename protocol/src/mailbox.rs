@@ -95,6 +95,14 @@ impl fmt::Debug for MailboxKeys {
 }
 
 impl MailboxKeys {
+    /// The mailbox whose authorisation key has the Ed25519 seed `seed` (id: [`pair_mailbox_id`]
+    /// of its public key). Used for group mailboxes (see [`crate::group::group_mailbox`]).
+    pub(crate) fn from_seed(seed: &[u8; 32]) -> Self {
+        let signing = SigningKey::from_bytes(seed);
+        let id = pair_mailbox_id(&signing.verifying_key().to_bytes());
+        Self { signing, id }
+    }
+
     /// The mailbox of mail to `recipient` from its pair partner in `epoch`: the Ed25519 seed is
     /// [`mailbox_key`]`(pair, recipient, epoch)`, the id [`pair_mailbox_id`] of its public key.
     pub fn derive(pair: &PairSecret, recipient: &PublicIdentity, epoch: u64) -> Self {

@@ -1,236 +1,250 @@
-//! `meshchat-simulations`: many real meshchat nodes in one process, over loopback TCP, each
-//! with its own RocksDB home. See `docs/performance.md`, "Offline delivery under churn".
-//!
-//! Scenario `mailbox` (the default): `--nodes` always-on nodes form a DHT; `--users` recipients
-//! publish their prekey bundle and go offline; one sender per recipient sends it `--messages`
-//! messages (stored on the replicas closest to the recipient's mailbox; one sender per recipient
-//! because two strangers starting a session from the same DHT bundle may pick the same one-time
-//! prekey, which X3DH refuses, a limitation of the handshake, not of the mailbox); the senders
-//! leave; then churn: `--churn` percent of the always-on nodes die without handing
-//! anything over, as many new ones join, and the survivors run their repair round; finally the
-//! recipients come back one by one. Printed: the share of messages delivered, and per recipient
-//! the time from its node starting to it holding all its mail.
+//! `meshchat-sim`: run one scenario of many real meshchat nodes in this process and write its
+//! figures. See the crate documentation and `docs/performance.md`, "Simulations".
 //!
 //! ```text
-//! cargo run --release -p meshchat-simulations -- [--nodes 100] [--users 20] [--messages 3] [--churn 20]
+//! cargo run --release -p meshchat-simulations -- steady --nodes 1000 --seed 1 --out sim-out/steady
+//! cargo run --release -p meshchat-simulations -- churn --nodes 1000 --churn 30 --seed 1
 //! ```
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use meshchat_node::{
-    storage::{Direction, MessageFilter, Storage},
-    Node, NodeConfig, NodeHandle, SendOutcome,
-};
-use meshchat_protocol::{Identity, PublicIdentity};
-use rand::{rngs::OsRng, seq::SliceRandom};
-use tempfile::TempDir;
+use clap::{Args, Parser, Subcommand};
+use meshchat_simulations::{output, run, sys, ClusterConfig, Kind, Params, Transport};
 
-/// How long a recipient may take to collect before its mail counts as lost.
-const COLLECT_DEADLINE: Duration = Duration::from_secs(30);
+/// One heap serves every node of a run: mimalloc keeps it compact and uncontended where glibc's
+/// allocator spent a third of the CPU searching fragmented bins at 200 nodes.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-struct Sim {
-    home: TempDir,
-    identity: Identity,
-    handle: NodeHandle,
-    addr: String,
+/// Run real meshchat nodes in one process through a scenario; print a summary and write
+/// messages.csv, nodes.csv, summary.txt, latency.svg and delivery.svg.
+#[derive(Debug, Parser)]
+#[command(name = "meshchat-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
 }
 
-fn config(home: &Path, bootstrap: &[String]) -> Result<NodeConfig> {
-    let mut config = NodeConfig::new(home);
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
-    config.bootstrap = bootstrap
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
-    config.dht_server = true;
-    config.send_timeout = Duration::from_millis(500);
-    Ok(config)
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Every node stays up; messages between contacts.
+    Steady {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// A share of the nodes leaves every minute, and each comes back later.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Percent of the nodes that leave per minute (as many return).
+        #[arg(long, default_value_t = 30.0)]
+        churn: f64,
+        /// Seconds a node stays away (default: one minute).
+        #[arg(long)]
+        offline: Option<f64>,
+        /// Percent of the departures that are crashes (no hand-over of mailbox replicas).
+        #[arg(long, default_value_t = 50.0)]
+        crash: f64,
+    },
+    /// The nodes split into two halves that cannot reach each other, then heal.
+    Partition {
+        #[command(flatten)]
+        common: Common,
+        /// Seconds after the traffic starts when the network splits (default: a quarter of
+        /// the duration).
+        #[arg(long)]
+        split_at: Option<f64>,
+        /// Seconds the partition lasts (default: half the duration).
+        #[arg(long)]
+        length: Option<f64>,
+    },
+    /// One large group: members join by invitation, then random members write to it.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        /// Members (default: every node).
+        #[arg(long)]
+        members: Option<usize>,
+    },
+    /// A share of the users go offline, receive mail, and all come back at once.
+    Burst {
+        #[command(flatten)]
+        common: Common,
+        /// Percent of the nodes that go away (one per conversation at most).
+        #[arg(long, default_value_t = 20.0)]
+        share: f64,
+        /// Messages each of them receives while away.
+        #[arg(long, default_value_t = 5)]
+        messages: usize,
+        /// Seconds they stay away after their mail was sent (default: one minute).
+        #[arg(long)]
+        away: Option<f64>,
+    },
 }
 
-async fn start_in(home: TempDir, identity: Identity, bootstrap: &[String]) -> Result<Sim> {
-    let handle = Node::start(config(home.path(), bootstrap)?).await?;
-    let addr = handle
-        .status()
-        .await?
-        .listen_addrs
-        .into_iter()
-        .find(|a| a.contains("/tcp/"))
-        .context("no TCP listen address")?;
-    Ok(Sim {
-        home,
-        identity,
-        handle,
-        addr,
-    })
+#[derive(Debug, Args)]
+struct Common {
+    /// Nodes (users) in the network.
+    #[arg(long, default_value_t = 100)]
+    nodes: usize,
+    /// Seed of identities, pairs, traffic and churn.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output folder (default: sim-out/SCENARIO-NODES-SEED).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// How nodes connect: memory (in-process, no file descriptor per connection) or tcp
+    /// (127.0.0.1).
+    #[arg(long, value_enum, default_value_t = Transport::Memory)]
+    transport: Transport,
+    /// Where the temporary folder of node homes goes (default: the system's temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Measured messages per second over the whole network.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Seconds of measured traffic.
+    #[arg(long, default_value_t = 120.0)]
+    duration: f64,
+    /// Longest wait in seconds, with every node back, for messages still on their way.
+    #[arg(long, default_value_t = 180.0)]
+    drain: f64,
+    /// Seconds in a "minute": the nodes' mail-collection and mailbox-repair interval, and the
+    /// unit of churn rates (60 in a real node).
+    #[arg(long, default_value_t = 60.0)]
+    minute: f64,
+    /// Milliseconds `send` tries to reach the recipient directly before storing in its mailbox.
+    #[arg(long, default_value_t = 2000)]
+    send_timeout_ms: u64,
+    /// Sends in flight at most.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Nodes started at once while the network starts.
+    #[arg(long, default_value_t = 8)]
+    parallel_start: usize,
+    /// Random running nodes a (re)starting node bootstraps from.
+    #[arg(long, default_value_t = 3)]
+    bootstrap_peers: usize,
+    /// Seconds after which an idle connection is closed (default: the node's, 60).
+    #[arg(long)]
+    idle_timeout: Option<f64>,
+    /// Log level of the nodes (RUST_LOG syntax), to stderr.
+    #[arg(long, default_value = "warn,meshchat_simulations=info")]
+    log: String,
 }
 
-async fn start(bootstrap: &[String]) -> Result<Sim> {
-    let home = tempfile::tempdir()?;
-    let identity = Identity::generate(&mut OsRng);
-    Storage::open(home.path())?.save_identity(&identity)?;
-    start_in(home, identity, bootstrap).await
+fn secs(s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).with_context(|| format!("{s} is not a duration in seconds"))
 }
 
-fn received(storage: &Storage, from: &PublicIdentity) -> Result<usize> {
-    Ok(storage
-        .messages(&MessageFilter {
-            peer: Some(*from),
-            direction: Some(Direction::In),
-            ..MessageFilter::default()
-        })?
-        .len())
-}
-
-fn arg(args: &[String], name: &str, default: usize) -> Result<usize> {
-    match args.iter().position(|a| a == name) {
-        None => Ok(default),
-        Some(i) => args
-            .get(i + 1)
-            .context("missing value")?
-            .parse()
-            .with_context(|| format!("{name} takes a number")),
+impl Common {
+    fn params(&self) -> Result<Params> {
+        Ok(Params {
+            nodes: self.nodes,
+            seed: self.seed,
+            cluster: ClusterConfig {
+                transport: self.transport,
+                dir: self.dir.clone(),
+                send_timeout: Duration::from_millis(self.send_timeout_ms),
+                minute: secs(self.minute)?,
+                bootstrap_peers: self.bootstrap_peers,
+                idle_timeout: self.idle_timeout.map(secs).transpose()?,
+            },
+            rate: self.rate,
+            duration: secs(self.duration)?,
+            drain: secs(self.drain)?,
+            parallel_start: self.parallel_start,
+            max_in_flight: self.max_in_flight,
+            settle: Duration::from_secs(120),
+        })
     }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let nodes = arg(&args, "--nodes", 100)?;
-    let users = arg(&args, "--users", 20)?;
-    let per_user = arg(&args, "--messages", 3)?;
-    let churn = arg(&args, "--churn", 20)?;
-    if nodes < 2 || users == 0 || churn > 90 {
-        bail!("need --nodes >= 2, --users >= 1, --churn <= 90");
-    }
-
-    // The always-on nodes.
-    let t = Instant::now();
-    let mut servers: Vec<Sim> = Vec::with_capacity(nodes);
-    servers.push(start(&[]).await?);
-    let mut rng = OsRng;
-    for _ in 1..nodes {
-        // Bootstrap from the first node and one random earlier one.
-        let mut boot = vec![servers[0].addr.clone()];
-        if let Some(s) = servers.choose(&mut rng) {
-            boot.push(s.addr.clone());
-        }
-        servers.push(start(&boot).await?);
-    }
-    let boot = vec![servers[0].addr.clone()];
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("{nodes} nodes up in {:.1?}", t.elapsed());
-
-    // Recipients publish their bundle, then go offline.
-    let mut away: Vec<(TempDir, Identity)> = Vec::new();
-    for _ in 0..users {
-        let u = start(&boot).await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !u.handle.publish_records().await?.bundle_published {
-            if Instant::now() > deadline {
-                bail!("a recipient could not publish its bundle");
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let (common, kind) = match &cli.scenario {
+        Scenario::Steady { common } => (common, Kind::Steady),
+        Scenario::Churn {
+            common,
+            churn,
+            offline,
+            crash,
+        } => (
+            common,
+            Kind::Churn {
+                percent_per_minute: *churn,
+                offline: secs(offline.unwrap_or(common.minute))?,
+                crash_percent: *crash,
+            },
+        ),
+        Scenario::Partition {
+            common,
+            split_at,
+            length,
+        } => (
+            common,
+            Kind::Partition {
+                split_at: secs(split_at.unwrap_or(common.duration / 4.0))?,
+                length: secs(length.unwrap_or(common.duration / 2.0))?,
+            },
+        ),
+        Scenario::Group { common, members } => (
+            common,
+            Kind::Group {
+                members: members.unwrap_or(common.nodes),
+            },
+        ),
+        Scenario::Burst {
+            common,
+            share,
+            messages,
+            away,
+        } => (
+            common,
+            Kind::Burst {
+                percent: *share,
+                messages: *messages,
+                away: secs(away.unwrap_or(common.minute))?,
+            },
+        ),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&common.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let params = common.params()?;
+    if params.cluster.transport == Transport::Tcp {
+        // Two descriptors per connection inside one process, plus the databases.
+        if let Some(limit) = sys::fd_limit() {
+            let need = params.nodes as u64 * 60;
+            if limit < need {
+                eprintln!(
+                    "warning: {} nodes over TCP may need ~{need} open files; the limit is {limit} (use --transport memory or raise `ulimit -n`)",
+                    params.nodes
+                );
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        u.handle.shutdown().await;
-        let Sim { home, identity, .. } = u;
-        away.push((home, identity));
     }
-
-    // Senders: one per recipient, `per_user` messages each, then they leave.
-    let mut senders = Vec::new();
-    let mut stored = 0usize;
-    let mut replicas = Vec::new();
-    for (_, to) in &away {
-        let s = start(&boot).await?;
-        for n in 0..per_user {
-            let report = s
-                .handle
-                .send_text(to.public(), format!("offline hello {n}"))
-                .await?;
-            match report.outcome {
-                SendOutcome::Stored { replicas: n } => {
-                    stored += 1;
-                    replicas.push(n);
-                }
-                other => println!("a send ended {other:?}"),
-            }
-        }
-        s.handle.shutdown().await;
-        senders.push(s.identity.public());
-    }
-    let sent = users * per_user;
-    println!(
-        "{sent} messages sent, {stored} stored (replicas per message: min {}, max {})",
-        replicas.iter().min().copied().unwrap_or(0),
-        replicas.iter().max().copied().unwrap_or(0)
-    );
-
-    // Churn: some always-on nodes die abruptly (never the first, the bootstrap), as many join,
-    // and the survivors repair.
-    let dying = nodes * churn / 100;
-    let mut order: Vec<usize> = (1..servers.len()).collect();
-    order.shuffle(&mut rng);
-    let mut doomed: Vec<usize> = order.into_iter().take(dying).collect();
-    doomed.sort_unstable_by(|a, b| b.cmp(a));
-    for i in doomed {
-        let s = servers.remove(i);
-        s.handle.shutdown_abruptly().await;
-    }
-    for _ in 0..dying {
-        let s = start(&boot).await?;
-        servers.push(s);
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t = Instant::now();
-    let mut copies = 0;
-    for s in &servers {
-        copies += s.handle.repair_mailboxes().await;
-    }
-    println!(
-        "churn: {dying} nodes died, {dying} joined; repair made {copies} new copies in {:.1?}",
-        t.elapsed()
-    );
-
-    // The recipients come back, one by one.
-    let mut delivered = 0usize;
-    let mut times = Vec::new();
-    for ((home, identity), from) in away.into_iter().zip(senders) {
-        let started = Instant::now();
-        let u = start_in(home, identity, &boot).await?;
-        let got = loop {
-            let storage = u.handle.storage().clone();
-            let got = tokio::task::spawn_blocking(move || received(&storage, &from)).await??;
-            if got >= per_user || started.elapsed() > COLLECT_DEADLINE {
-                break got;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let took = started.elapsed();
-        delivered += got;
-        if got >= per_user {
-            times.push(took);
-        }
-        println!("recipient back: {got}/{per_user} messages after {took:.2?}");
-        u.handle.shutdown().await;
-    }
-    times.sort();
-    let share = delivered as f64 / sent as f64 * 100.0;
-    println!(
-        "RESULT nodes={nodes} churn={churn}% messages={sent} delivered={delivered} ({share:.1}%)"
-    );
-    if !times.is_empty() {
-        println!(
-            "RESULT time from recipient start to holding all its mail: median {:.0?}, max {:.0?}",
-            times[times.len() / 2],
-            times[times.len() - 1]
-        );
-    }
-    for s in &servers {
-        s.handle.shutdown_abruptly().await;
+    let out = common.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "sim-out/{}-{}-{}",
+            kind.name(),
+            params.nodes,
+            params.seed
+        ))
+    });
+    let bucket = params.cluster.minute.mul_f64(0.25).max(Duration::from_secs(1));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let outcome = runtime.block_on(run(params, kind))?;
+    println!("{}", outcome.summary);
+    output::write(&outcome, &out, bucket)?;
+    println!("wrote {}", out.display());
+    if outcome.summary.total.sent == 0 {
+        bail!("no message was sent");
     }
     Ok(())
 }

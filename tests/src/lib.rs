@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{mpsc, OnceLock},
@@ -79,10 +79,14 @@ fn newest_source(workspace: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     best
 }
 
+pub mod netns;
+
 /// One user's home folder, in a temporary directory removed on drop.
 #[derive(Debug)]
 pub struct Home {
     dir: tempfile::TempDir,
+    /// The network namespace its commands run in (`ip netns exec`), if any.
+    netns: Option<String>,
 }
 
 impl Default for Home {
@@ -99,7 +103,14 @@ impl Home {
                 .prefix("meshchat-home-")
                 .tempdir()
                 .expect("create a temporary home"),
+            netns: None,
         }
+    }
+
+    /// Run every later command of this home inside network namespace `ns` (`ip netns exec`;
+    /// see [`netns::Lab`]). The home itself stays where it is.
+    pub fn enter(&mut self, ns: &str) {
+        self.netns = Some(ns.to_owned());
     }
 
     /// Its path.
@@ -113,7 +124,15 @@ impl Home {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut cmd = Command::new(meshchat_bin());
+        let mut cmd = match &self.netns {
+            None => Command::new(meshchat_bin()),
+            Some(ns) => {
+                // `ip netns exec` execs the program: the child's pid is meshchat's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(meshchat_bin());
+                c
+            }
+        };
         cmd.arg("--home").arg(self.path()).args(args);
         cmd.env_remove("MESHCHAT_HOME");
         match std::env::var("MESHCHAT_TEST_LOG") {
@@ -215,6 +234,18 @@ impl Home {
         all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         Daemon::spawn(self.command(all))
     }
+
+    /// Start `meshchat --json serve ARGS…` (a home server) in the background and wait until it
+    /// prints its addresses.
+    pub fn spawn_serve<I, S>(&self, args: I) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut all: Vec<std::ffi::OsString> = vec!["--json".into(), "serve".into()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        Daemon::spawn(self.command(all))
+    }
 }
 
 /// A background `meshchat run` (or `serve`), killed on drop.
@@ -223,6 +254,8 @@ pub struct Daemon {
     child: Child,
     /// Every address it printed (full multiaddrs ending in `/p2p/PEER_ID`).
     pub addrs: Vec<String>,
+    /// The whole `listening` line (e.g. `serve`'s `bootstrap_addrs`, `peer_id`).
+    pub banner: serde_json::Value,
     lines: mpsc::Receiver<String>,
 }
 
@@ -245,6 +278,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child,
             addrs: Vec::new(),
+            banner: serde_json::Value::Null,
             lines: rx,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -267,6 +301,7 @@ impl Daemon {
                             .collect()
                     })
                     .unwrap_or_default();
+                daemon.banner = v;
                 break;
             }
         }
@@ -309,22 +344,43 @@ impl Drop for Daemon {
 
 /// Wait for `child` at most `limit`, collecting its output; kill it and fail past the limit.
 pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
+    // Drain the pipes while waiting: a child writing more than a pipe buffer (64 KiB) would
+    // otherwise block and never exit.
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + limit;
-    loop {
+    let (status, timed_out) = loop {
         match child.try_wait().expect("poll child") {
-            Some(_) => return child.wait_with_output().expect("collect output"),
+            Some(status) => break (status, false),
             None if Instant::now() >= deadline => {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("collect output");
-                panic!(
-                    "command still running after {limit:?}; stdout: {} stderr: {}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                break (child.wait().expect("reap child"), true);
             }
             None => std::thread::sleep(Duration::from_millis(20)),
         }
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if timed_out {
+        panic!(
+            "command still running after {limit:?}; stdout: {} stderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    out
 }
 
 /// Parse every line of `text` that is a JSON object.
