@@ -25,8 +25,8 @@ use std::{
 
 use libp2p::{Multiaddr, PeerId};
 use meshchat_node::{
-    storage::{Direction, MessageFilter, Storage},
     groups::GroupSendOutcome,
+    storage::{Direction, MessageFilter, Storage},
     ErrorKind, Node, NodeConfig, NodeEvent, NodeHandle, SendOutcome,
 };
 use meshchat_protocol::{Identity, PublicIdentity};
@@ -388,8 +388,7 @@ impl Cluster {
         self.start(0).await?;
         let rest: Vec<usize> = (1..self.slots.len()).collect();
         for chunk in rest.chunks(parallel.max(1)) {
-            let results =
-                futures::future::join_all(chunk.iter().map(|&i| self.start(i))).await;
+            let results = futures::future::join_all(chunk.iter().map(|&i| self.start(i))).await;
             for r in results {
                 r?;
             }

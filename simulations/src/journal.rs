@@ -446,17 +446,28 @@ mod tests {
                 None
             ]
         );
-        assert_eq!(r.iter().map(|r| r.send.seq).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        assert_eq!(
+            r.iter().map(|r| r.send.seq).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
         // A direct delivery is no later than the acknowledgement.
-        assert!(r[0].delivered.is_some_and(|d| d <= Duration::from_millis(20)));
+        assert!(r[0]
+            .delivered
+            .is_some_and(|d| d <= Duration::from_millis(20)));
         assert_eq!(j.duplicates(), 1);
         assert_eq!(j.undelivered(), 1);
         let mut csv = Vec::new();
         write_csv(&r, &mut csv).expect("write");
         let text = String::from_utf8(csv).expect("utf8");
         assert_eq!(text.lines().count(), 6);
-        assert!(text.lines().nth(2).is_some_and(|l| l.contains(",stored,5,")));
-        assert!(text.lines().nth(5).is_some_and(|l| l.ends_with(",false,,,none")));
+        assert!(text
+            .lines()
+            .nth(2)
+            .is_some_and(|l| l.contains(",stored,5,")));
+        assert!(text
+            .lines()
+            .nth(5)
+            .is_some_and(|l| l.ends_with(",false,,,none")));
     }
 
     #[test]

@@ -234,7 +234,11 @@ fn main() -> Result<()> {
             params.seed
         ))
     });
-    let bucket = params.cluster.minute.mul_f64(0.25).max(Duration::from_secs(1));
+    let bucket = params
+        .cluster
+        .minute
+        .mul_f64(0.25)
+        .max(Duration::from_secs(1));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

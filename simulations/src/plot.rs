@@ -214,6 +214,7 @@ pub fn delivery_over_time(
         .y_desc("share")
         .draw()
         .map_err(|x| e(&x))?;
+    #[allow(clippy::type_complexity)]
     let series: [(&str, RGBColor, &Vec<(f64, f64)>); 3] = [
         (
             "delivered by the end, of the messages sent in each interval",

@@ -208,19 +208,12 @@ impl fmt::Display for Summary {
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
-        let paths: Vec<String> = self
-            .paths
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
+        let paths: Vec<String> = self.paths.iter().map(|(k, v)| format!("{k} {v}")).collect();
         writeln!(f, "send returned: {}", outcomes.join(", "))?;
         writeln!(f, "delivered by path: {}", paths.join(", "))?;
         writeln!(f, "duplicates shown: {}", self.duplicates)?;
         writeln!(f)?;
-        writeln!(
-            f,
-            "| latency (ms) | n | p50 | p90 | p99 | p99.9 | max |"
-        )?;
+        writeln!(f, "| latency (ms) | n | p50 | p90 | p99 | p99.9 | max |")?;
         writeln!(f, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
         let row = |f: &mut fmt::Formatter<'_>, name: &str, p: &Percentiles| {
             writeln!(
@@ -275,11 +268,28 @@ mod tests {
     #[test]
     fn nearest_rank_percentiles() {
         let p = Percentiles::of((1..=1000).map(f64::from).collect());
-        assert_eq!((p.n, p.p50, p.p90, p.p99, p.p999, p.max), (1000, 500.0, 900.0, 990.0, 999.0, 1000.0));
+        assert_eq!(
+            (p.n, p.p50, p.p90, p.p99, p.p999, p.max),
+            (1000, 500.0, 900.0, 990.0, 999.0, 1000.0)
+        );
         let one = Percentiles::of(vec![7.0]);
         assert_eq!((one.p50, one.max), (7.0, 7.0));
         assert_eq!(Percentiles::of(Vec::new()), Percentiles::default());
-        assert_eq!(Tally { sent: 0, delivered: 0 }.ratio(), 1.0);
-        assert_eq!(Tally { sent: 4, delivered: 3 }.ratio(), 0.75);
+        assert_eq!(
+            Tally {
+                sent: 0,
+                delivered: 0
+            }
+            .ratio(),
+            1.0
+        );
+        assert_eq!(
+            Tally {
+                sent: 4,
+                delivered: 3
+            }
+            .ratio(),
+            0.75
+        );
     }
 }

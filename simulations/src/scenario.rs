@@ -227,7 +227,7 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     if params.nodes < 4 {
         return Err(SimError::Params("need at least 4 nodes".into()));
     }
-    if !(params.rate > 0.0) {
+    if params.rate.is_nan() || params.rate <= 0.0 {
         return Err(SimError::Params("the rate must be positive".into()));
     }
     let cpu0 = sys::cpu_seconds().unwrap_or(0.0);
@@ -548,7 +548,9 @@ async fn warm_up(ctx: &mut Ctx) -> Vec<String> {
             todo = again;
         }
         if refused > 0 {
-            notes.push(format!("{refused} {name} messages refused by the recipient"));
+            notes.push(format!(
+                "{refused} {name} messages refused by the recipient"
+            ));
         }
         while !ctx.journal.all_received(&ids) {
             if Instant::now() > deadline {
@@ -995,7 +997,9 @@ async fn group(
             break;
         }
         tokio::time::sleep_until(next).await;
-        let &from = in_group.choose(&mut rng).expect("invariant: the creator is in");
+        let &from = in_group
+            .choose(&mut rng)
+            .expect("invariant: the creator is in");
         if !ctx.cluster.online(from) {
             continue;
         }

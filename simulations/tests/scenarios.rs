@@ -43,7 +43,10 @@ async fn run_and_write(params: Params, kind: Kind) -> Outcome {
     );
     for f in ["latency.svg", "delivery.svg"] {
         let svg = std::fs::read_to_string(dir.path().join(f)).expect("svg");
-        assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{f} has lines");
+        assert!(
+            svg.starts_with("<svg") && svg.contains("polyline"),
+            "{f} has lines"
+        );
     }
     assert!(std::fs::read_to_string(dir.path().join("summary.txt"))
         .expect("summary")
@@ -123,7 +126,10 @@ async fn a_partition_holds_mail_across_the_cut_until_it_heals() {
             "nothing crosses the partition before it heals ({d:?} < {heal:?})"
         );
     }
-    assert_eq!(s.total.delivered, s.total.sent, "everything arrives in the end");
+    assert_eq!(
+        s.total.delivered, s.total.sent,
+        "everything arrives in the end"
+    );
     assert_eq!(s.duplicates, 0);
 }
 
@@ -164,7 +170,14 @@ async fn every_member_of_a_group_gets_every_message() {
         .expect("the group figure");
     assert!(formed.starts_with("8 of 8 members in"), "{formed}");
     let copies = s.by_tag.get("group").copied().unwrap_or_default();
-    assert!(copies.sent >= 7 * 5, "enough group messages: {} copies", copies.sent);
-    assert_eq!(copies.delivered, copies.sent, "every member got every message");
+    assert!(
+        copies.sent >= 7 * 5,
+        "enough group messages: {} copies",
+        copies.sent
+    );
+    assert_eq!(
+        copies.delivered, copies.sent,
+        "every member got every message"
+    );
     assert_eq!(s.duplicates, 0, "no member shown a message twice");
 }
