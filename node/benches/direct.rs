@@ -403,12 +403,12 @@ fn print_rss_detail(pid: u32) {
         e.1 += 1;
     }
     let mut by_name: Vec<_> = by_name.into_iter().collect();
-    by_name.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    by_name.sort_by_key(|(_, (kib, _))| std::cmp::Reverse(*kib));
     println!("RSS by mapping name (KiB, mappings):");
     for (name, (kib, n)) in by_name.iter().take(12) {
         println!("{kib:>8} {n:>5}  {name}");
     }
-    maps.sort_by(|a, b| b.0.cmp(&a.0));
+    maps.sort_by_key(|(kib, _)| std::cmp::Reverse(*kib));
     println!("largest single mappings (KiB):");
     for (kib, name) in maps.iter().take(12) {
         println!("{kib:>8}  {name}");

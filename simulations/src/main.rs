@@ -8,6 +8,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
+mod repair;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use meshchat_simulations::{output, run, sys, ClusterConfig, Kind, Params, Transport};
@@ -58,6 +60,22 @@ enum Scenario {
         /// Seconds the partition lasts (default: half the duration).
         #[arg(long)]
         length: Option<f64>,
+    },
+    /// The first simulation (docs/performance.md, "Offline delivery under churn"): offline
+    /// recipients, mail stored on replicas, replicas die, repair, recipients return; over TCP.
+    Repair {
+        /// Always-on nodes.
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        /// Offline recipients.
+        #[arg(long, default_value_t = 20)]
+        users: usize,
+        /// Messages each recipient receives.
+        #[arg(long, default_value_t = 3)]
+        messages: usize,
+        /// Percent of the always-on nodes that die (as many join).
+        #[arg(long, default_value_t = 20)]
+        churn: usize,
     },
     /// One large group: members join by invitation, then random members write to it.
     Group {
@@ -163,7 +181,26 @@ impl Common {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")
+    };
     let (common, kind) = match &cli.scenario {
+        Scenario::Repair {
+            nodes,
+            users,
+            messages,
+            churn,
+        } => {
+            return runtime()?.block_on(repair::run(repair::RepairParams {
+                nodes: *nodes,
+                users: *users,
+                messages: *messages,
+                churn: *churn,
+            }))
+        }
         Scenario::Steady { common } => (common, Kind::Steady),
         Scenario::Churn {
             common,
@@ -239,11 +276,7 @@ fn main() -> Result<()> {
         .minute
         .mul_f64(0.25)
         .max(Duration::from_secs(1));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let outcome = runtime.block_on(run(params, kind))?;
+    let outcome = runtime()?.block_on(run(params, kind))?;
     println!("{}", outcome.summary);
     output::write(&outcome, &out, bucket)?;
     println!("wrote {}", out.display());
