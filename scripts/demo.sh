@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
 . scripts/env.sh
+. scripts/disk-guard.sh
 cargo build --release --locked -p meshchat
 exec "$CARGO_TARGET_DIR/release/meshchat" demo "$@"

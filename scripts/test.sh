@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
 . scripts/env.sh
+. scripts/disk-guard.sh
 cargo test --workspace --locked "$@"
