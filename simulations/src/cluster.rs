@@ -42,6 +42,8 @@ use crate::journal::{Journal, NodeChange, SendRecord, SendResult};
 
 /// Homes created at once.
 const HOME_PARALLEL: usize = 16;
+/// Longest wait, after `Node::start` returned, for the node to report its listen address.
+const LISTEN_WAIT: Duration = Duration::from_secs(30);
 
 /// How the nodes reach each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -104,8 +106,8 @@ pub enum ClusterError {
         /// Why.
         source: meshchat_node::NodeError,
     },
-    /// A node started without a listen address.
-    #[error("node {node} reports no listen address")]
+    /// A node reported no listen address within 30 s of starting.
+    #[error("node {node} reports no listen address 30 s after starting")]
     NoAddress {
         /// Which node.
         node: usize,
@@ -351,15 +353,24 @@ impl Cluster {
                 Err(source) => return Err(ClusterError::Start { node: i, source }),
             }
         };
-        let status = handle
-            .status()
-            .await
-            .map_err(|source| ClusterError::Node { node: i, source })?;
-        let addr: Multiaddr = status
-            .listen_addrs
-            .iter()
-            .find_map(|a| a.parse().ok())
-            .ok_or(ClusterError::NoAddress { node: i })?;
+        // The swarm reports its listen address once its event loop has polled the new
+        // listener, which on a busy runtime (a thousand nodes starting) can come after
+        // `Node::start` returned: ask until it is there.
+        let listen_deadline = tokio::time::Instant::now() + LISTEN_WAIT;
+        let addr: Multiaddr = loop {
+            let status = handle
+                .status()
+                .await
+                .map_err(|source| ClusterError::Node { node: i, source })?;
+            if let Some(a) = status.listen_addrs.iter().find_map(|a| a.parse().ok()) {
+                break a;
+            }
+            if tokio::time::Instant::now() >= listen_deadline {
+                handle.shutdown_abruptly().await;
+                return Err(ClusterError::NoAddress { node: i });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let (stop_watcher, stopped) = oneshot::channel();
         let watcher = tokio::spawn(watch(
             Arc::clone(&self.journal),
