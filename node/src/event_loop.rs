@@ -46,7 +46,7 @@ mod groups;
 mod nat;
 
 pub(crate) use groups::{
-    gossipsub_behaviour, GossipInbound, GroupCommand, GroupNet, PublishOutcome,
+    gossipsub_behaviour, topic_score_params, GossipInbound, GroupCommand, GroupNet, PublishOutcome,
 };
 pub(crate) use nat::{relay_server_config, NatNet, NatStatus};
 

@@ -1253,6 +1253,12 @@ impl ReceiverChain {
     pub fn next_iteration(&self) -> u32 {
         self.next
     }
+    /// The iteration the chain was handed over at: messages of the author's chain before it
+    /// were sealed before we were given the key (e.g. before we joined) and stay unreadable
+    /// to us; `open_group` reports them as [`GroupError::Replay`], which they are not.
+    pub fn first_iteration(&self) -> u32 {
+        self.first
+    }
     /// Skipped message keys kept.
     pub fn skipped_keys(&self) -> usize {
         self.skipped.len()

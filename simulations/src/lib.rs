@@ -2,6 +2,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cluster;
+pub mod group_bench;
 pub mod journal;
 pub mod output;
 pub mod plot;

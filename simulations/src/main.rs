@@ -85,6 +85,12 @@ enum Scenario {
         #[arg(long)]
         members: Option<usize>,
     },
+    /// Group channels against bare gossipsub of the same shape, in this process: delivery
+    /// ratio and time until every member has a message (docs/performance.md, "Groups").
+    GroupBench {
+        #[command(flatten)]
+        args: meshchat_simulations::group_bench::GroupBenchArgs,
+    },
     /// A share of the users go offline, receive mail, and all come back at once.
     Burst {
         #[command(flatten)]
@@ -200,6 +206,16 @@ fn main() -> Result<()> {
                 messages: *messages,
                 churn: *churn,
             }))
+        }
+        Scenario::GroupBench { args } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+                .with_writer(std::io::stderr)
+                .init();
+            let params = args.params()?;
+            let outcome = runtime()?.block_on(meshchat_simulations::group_bench::run(params))?;
+            println!("{outcome}");
+            return Ok(());
         }
         Scenario::Steady { common } => (common, Kind::Steady),
         Scenario::Churn {

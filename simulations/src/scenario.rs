@@ -970,13 +970,26 @@ async fn group(
     .await;
     let mut in_group: Vec<usize> = vec![0];
     in_group.extend(joined.into_iter().flatten());
+    let joined_at = t.elapsed();
+    // The group is formed when every member knows every member (the Add ops after its own
+    // reach a member over gossipsub or from the group mailbox): a member writes only to the
+    // members it knows of.
+    let converged = crate::group_bench::wait_converged(
+        &ctx.cluster,
+        &in_group,
+        &gid,
+        in_group.len(),
+        deadline.max(Instant::now() + Duration::from_secs(10)),
+    )
+    .await;
     extra.push((
         "group".into(),
         format!(
-            "{} of {m} members in; inviting took {:.1} s ({invite_failures} failed), joining {:.1} s more",
+            "{} of {m} members in; inviting took {:.1} s ({invite_failures} failed), joining {:.1} s more; {converged} of them knew every member {:.1} s later",
             in_group.len(),
             invited.as_secs_f64(),
-            t.elapsed().saturating_sub(invited).as_secs_f64()
+            joined_at.saturating_sub(invited).as_secs_f64(),
+            t.elapsed().saturating_sub(joined_at).as_secs_f64()
         ),
     ));
     ctx.journal.mark("group formed");

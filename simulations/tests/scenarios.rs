@@ -54,10 +54,21 @@ async fn run_and_write(params: Params, kind: Kind) -> Outcome {
     outcome
 }
 
+/// With every node running, every message arrives and nearly all go directly.
+///
+/// `send` tries the direct path for `send_timeout`, counted from the call: sealing (on a
+/// debug build the curve arithmetic is unoptimized, ~0.3-1.5 s per send here on an idle
+/// machine), the presence lookup, the recipient's decryption and both durable commits all
+/// spend it. On this 2-core machine loaded by parallel builds (three copies of this test,
+/// load average 20-30) sends took 5.5-9 s, beyond the 3 s of `small`, and the node then
+/// (correctly) stored each message in the mailbox of a recipient that was online all along:
+/// delivered, but not directly. So this test gives the direct attempt 20 s; what it asserts
+/// is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "failing at the end of the session that wrote it (delivery figure below the assertion on a loaded 2-core machine); issue #8 is open for it"]
 async fn steady_state_delivers_everything_directly() {
-    let o = run_and_write(small(8, 11, 6), Kind::Steady).await;
+    let mut params = small(8, 11, 6);
+    params.cluster.send_timeout = Duration::from_secs(20);
+    let o = run_and_write(params, Kind::Steady).await;
     let s = &o.summary;
     assert!(s.total.sent >= 10, "enough traffic: {}", s.total.sent);
     assert_eq!(s.total.delivered, s.total.sent, "every message delivered");
@@ -68,7 +79,14 @@ async fn steady_state_delivers_everything_directly() {
         "with everyone online nearly all go direct: {direct} of {}",
         s.total.delivered
     );
-    assert!(s.rss_per_node > 0.0);
+    // Memory is read from /proc; the per-node figure is only meaningful in a process of its own
+    // (here the other scenarios run in the same process and free memory as this one starts).
+    assert!(
+        s.rss_started > 0 && s.rss_peak > 0,
+        "memory figures were read: {} / {}",
+        s.rss_started,
+        s.rss_peak
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +179,6 @@ async fn a_burst_of_returning_users_collects_all_their_mail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "failing at the end of the session that wrote it; issue #8 (large group) is open for it"]
 async fn every_member_of_a_group_gets_every_message() {
     let o = run_and_write(small(8, 15, 5), Kind::Group { members: 8 }).await;
     let s = &o.summary;
@@ -171,6 +188,10 @@ async fn every_member_of_a_group_gets_every_message() {
         .find(|(k, _)| k == "group")
         .expect("the group figure");
     assert!(formed.starts_with("8 of 8 members in"), "{formed}");
+    assert!(
+        formed.contains("8 of them knew every member"),
+        "every member learned the whole membership: {formed}"
+    );
     let copies = s.by_tag.get("group").copied().unwrap_or_default();
     assert!(
         copies.sent >= 7 * 5,

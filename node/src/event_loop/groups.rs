@@ -295,6 +295,25 @@ impl super::NetClient {
             .map_err(|_| super::LoopStopped)
     }
 
+    /// [`Self::group_report`] from a blocking thread (the group service accepts a message as
+    /// soon as it authenticated, before committing it).
+    pub(crate) fn group_report_blocking(
+        &self,
+        id: gossipsub::MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+        reason: &'static str,
+    ) -> Result<(), super::LoopStopped> {
+        self.tx
+            .blocking_send(super::Command::Group(GroupCommand::ReportValidation {
+                id,
+                source,
+                acceptance,
+                reason,
+            }))
+            .map_err(|_| super::LoopStopped)
+    }
+
     /// The peers known to be subscribed to `topic`.
     pub(crate) async fn group_topic_peers(
         &self,

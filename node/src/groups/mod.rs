@@ -195,6 +195,27 @@ impl GroupOpError {
     }
 }
 
+/// The gossipsub behaviour type of a node (anonymous, content-addressed, with a raised topic
+/// limit).
+pub type ComparisonGossipsub = libp2p::gossipsub::Behaviour<
+    libp2p::gossipsub::IdentityTransform,
+    libp2p::gossipsub::MaxCountSubscriptionFilter<libp2p::gossipsub::AllowAllSubscriptionFilter>,
+>;
+
+/// The gossipsub behaviour exactly as a node configured with `config` builds it (message ids,
+/// validation, heartbeat, flood publishing, peer scoring), and the score parameters it sets on
+/// every group topic: for benchmarks that run bare gossipsub beside real nodes with the same
+/// parameters (`simulations/`, `meshchat-sim group-bench`; `docs/performance.md`, "Groups").
+#[doc(hidden)]
+pub fn gossipsub_as_configured(
+    config: &crate::NodeConfig,
+) -> Result<(ComparisonGossipsub, libp2p::gossipsub::TopicScoreParams), NodeError> {
+    Ok((
+        crate::event_loop::gossipsub_behaviour(config)?,
+        crate::event_loop::topic_score_params(),
+    ))
+}
+
 impl NodeHandle {
     /// Create a group with `name` (1 to 100 bytes, not used by another group of this home);
     /// we are its first member and admin.

@@ -91,6 +91,11 @@ const FIRST_STORE_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(300);
 /// Own group envelopes are retried for the mailbox until they are this old.
 const PENDING_STORE_MAX_AGE_SECS: u64 = 86_400;
+/// First pause before a failed sender-key hand-out is tried again; doubled up to the next.
+const FIRST_HANDOUT_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_HANDOUT_BACKOFF: Duration = Duration::from_secs(300);
+/// A sender-key hand-out is retried for this long at most.
+const MAX_HANDOUT_RETRY: Duration = Duration::from_secs(86_400);
 /// Group presence records are re-published this often (and on a new day, a new secret, new
 /// addresses).
 const PRESENCE_REPUBLISH: Duration = Duration::from_secs(15 * 60);
@@ -112,6 +117,8 @@ const COLLECT_REPLICAS: usize = 3;
 const COLLECT_PARALLEL: usize = 4;
 /// A collection reads mailboxes back to this long before the last successful one.
 const COLLECT_OVERLAP_SECS: u64 = 3_600;
+/// Collections asked for by signs of being behind the membership are this far apart at least.
+const BEHIND_COLLECT_EVERY: Duration = Duration::from_secs(2);
 /// Quick rounds after start, join and reconnect (1 s, 2 s, 3 s apart).
 const COLLECT_FOLLOWUPS: u32 = 3;
 /// Seen marks are kept this long (longer than a group envelope lives).
@@ -237,10 +244,12 @@ struct Effects {
 /// The result of trying to open one envelope.
 #[derive(Debug)]
 enum Opened {
-    /// Opened and committed (the message, if a new text; what its op changed).
+    /// Opened and committed (the message, if a new text; what its op changed; whether the
+    /// gossipsub verdict, Accept, was reported already).
     Stored {
         message: Option<Box<StoredMessage>>,
         effects: Effects,
+        reported: bool,
     },
     /// Not now; `verified` if it authenticated (only the order is waited for).
     Hold { reason: HoldReason, verified: bool },
@@ -255,6 +264,10 @@ enum Opened {
     /// Hostile: fails to decode, forged, tampered, replayed chain position…
     Bad(GroupError),
 }
+
+/// A gossipsub message's id and the peer it came from: its verdict is reported as soon as it
+/// authenticates.
+type GossipOrigin = (libp2p::gossipsub::MessageId, PeerId);
 
 /// A sealed group message, ready to dispatch.
 #[derive(Debug)]
@@ -306,6 +319,8 @@ pub(crate) struct GroupService {
     dial_backoff: StdMutex<HashMap<PublicIdentity, (Instant, Duration)>>,
     published: StdMutex<HashMap<GroupId, Published>>,
     store_in_flight: StdMutex<HashSet<Vec<u8>>>,
+    /// When a sign of being behind the membership last asked for a collection.
+    behind_at: StdMutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for GroupService {
@@ -359,6 +374,7 @@ impl GroupService {
             dial_backoff: StdMutex::new(HashMap::new()),
             published: StdMutex::new(HashMap::new()),
             store_in_flight: StdMutex::new(HashSet::new()),
+            behind_at: StdMutex::new(None),
         });
         Ok((service, sink))
     }
@@ -381,6 +397,19 @@ impl GroupService {
             tokio::spawn(Arc::clone(self).collector(online, shutdown.clone())),
             tokio::spawn(Arc::clone(self).maintenance(shutdown)),
         ])
+    }
+
+    /// Something showed that we are behind the membership log (a message or a sender key
+    /// from an author we do not know as a member yet, an op far ahead): read the group
+    /// mailboxes now, where the missing ops are, rather than at the next periodic collection.
+    /// At most once per [`BEHIND_COLLECT_EVERY`].
+    pub(super) fn note_behind(&self) {
+        let mut at = lock(&self.behind_at);
+        if at.is_some_and(|t| t.elapsed() < BEHIND_COLLECT_EVERY) {
+            return;
+        }
+        *at = Some(Instant::now());
+        self.collect_kick.notify_one();
     }
 
     fn emit(&self, event: NodeEvent) {
@@ -522,7 +551,7 @@ impl GroupService {
                 };
                 rec.add_secret(0, secret);
                 let mut batch = Batch::default();
-                batch.put(store::group_key(&rec.state.id()), "group record", &rec)?;
+                batch.put_group(&rec)?;
                 store.commit(batch, None)?;
                 Ok(rec)
             })
@@ -639,7 +668,7 @@ impl GroupService {
                     last_collect: None,
                 };
                 rec.add_secret(verified.snapshot().epoch, *verified.group_secret());
-                batch.put(store::group_key(&gid), "group record", &rec)?;
+                batch.put_group(&rec)?;
                 // A new membership: a new sender chain.
                 batch.delete(store::chain_key(&gid));
                 store.commit(batch, None)?;
@@ -949,7 +978,7 @@ impl GroupService {
         let applied = match apply {
             Some(op) => {
                 let effects = self.apply_op(&mut rec, op).map_err(refused)?;
-                batch.put(store::group_key(&gid), "group record", &rec)?;
+                batch.put_group(&rec)?;
                 Some((rec.clone(), effects))
             }
             None => None,
@@ -1061,6 +1090,11 @@ impl GroupService {
     }
 
     /// Hand our sender chain to `member` over 1:1 and remember it once it is in the outbox.
+    /// The hand-out carries the chain at the position of the message that needed it, so a
+    /// failed one (typically: no session yet and the member's prekey bundle not found in time)
+    /// is retried with that same distribution, with backoff, until it is in the outbox, the
+    /// member has left, our chain was retired, or a day passed; later sends do not hand out
+    /// this chain to `member` meanwhile.
     async fn hand_out(
         self: Arc<Self>,
         group: GroupId,
@@ -1068,27 +1102,52 @@ impl GroupService {
         dist: SenderKeyDistribution,
     ) {
         let key_id = dist.key_id;
-        self.note_member_presence(group, member).await;
-        match self
-            .messenger
-            .send_control(member, GroupControl::SenderKey(dist))
-            .await
-        {
-            Ok(_) => {
-                let store = self.store.clone();
-                let r = blocking(move || {
-                    let mut batch = Batch::default();
-                    batch.put_raw(store::handed_key(&group, &member), key_id.to_vec());
-                    store.commit(batch, None)?;
-                    Ok(())
-                })
-                .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "cannot record a sender key hand-out");
+        let started = Instant::now();
+        let mut backoff = FIRST_HANDOUT_BACKOFF;
+        loop {
+            self.note_member_presence(group, member).await;
+            match self
+                .messenger
+                .send_control(member, GroupControl::SenderKey(dist.clone()))
+                .await
+            {
+                Ok(_) => {
+                    let store = self.store.clone();
+                    let r = blocking(move || {
+                        let mut batch = Batch::default();
+                        batch.put_raw(store::handed_key(&group, &member), key_id.to_vec());
+                        store.commit(batch, None)?;
+                        Ok(())
+                    })
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "cannot record a sender key hand-out");
+                    }
+                    break;
+                }
+                Err(NodeError::Stopped) => break,
+                Err(e) => {
+                    tracing::debug!(%group, member = %member.user_id(), error = %e, "sender key not handed out yet");
                 }
             }
-            Err(e) => {
-                tracing::debug!(%group, member = %member.user_id(), error = %e, "sender key not handed out yet");
+            if started.elapsed() > MAX_HANDOUT_RETRY {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_HANDOUT_BACKOFF);
+            let store = self.store.clone();
+            let still_wanted = blocking(move || {
+                let Some(rec) = store.group(&group)? else {
+                    return Ok(false);
+                };
+                let current = store.own_chain(&group)?.map(|o| o.chain.key_id());
+                Ok(rec.membership == Membership::Active
+                    && rec.state.is_member(&member)
+                    && current == Some(key_id))
+            })
+            .await;
+            if !matches!(still_wanted, Ok(true)) {
+                break;
             }
         }
         lock(&self.distributing).remove(&(group, member, key_id));

@@ -20,9 +20,12 @@
 //! with a received message when there is one, durable on return). The store is synchronous: the
 //! group service calls it on `spawn_blocking`.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use meshchat_protocol::{
@@ -48,6 +51,8 @@ pub(crate) const MAX_SECRETS: usize = 8;
 pub(crate) const MAX_INBOX: usize = 4_096;
 /// Invites waiting for the user; more are dropped (the oldest first).
 pub(crate) const MAX_PENDING_INVITES: usize = 256;
+/// Decoded group records kept in memory (the cache is emptied when it would grow past it).
+const MAX_CACHED_RECORDS: usize = 1_024;
 
 const KIND_GROUP: u8 = b'g';
 const KIND_CHAIN: u8 = b'c';
@@ -239,6 +244,8 @@ fn encode<T: Wire>(what: &'static str, value: &T) -> Result<Vec<u8>, NodeError> 
 pub(crate) struct Batch {
     puts: Vec<(Vec<u8>, Vec<u8>)>,
     deletes: Vec<Vec<u8>>,
+    /// Group records written, to cache once committed: (key, bytes, record).
+    records: Vec<(Vec<u8>, Arc<[u8]>, GroupRecord)>,
 }
 
 impl Batch {
@@ -249,6 +256,16 @@ impl Batch {
         value: &T,
     ) -> Result<(), NodeError> {
         self.puts.push((key, encode(what, value)?));
+        Ok(())
+    }
+
+    /// Write a group record (under its key), and cache it decoded once committed.
+    pub(crate) fn put_group(&mut self, rec: &GroupRecord) -> Result<(), NodeError> {
+        let key = group_key(&rec.state.id());
+        let bytes = encode("group record", rec)?;
+        self.records
+            .push((key.clone(), Arc::from(bytes.as_slice()), rec.clone()));
+        self.puts.push((key, bytes));
         Ok(())
     }
 
@@ -265,11 +282,15 @@ impl Batch {
     }
 }
 
+/// Decoded group records by key, with the bytes they were decoded from.
+type RecordCache = HashMap<Vec<u8>, (Arc<[u8]>, GroupRecord)>;
+
 /// The group column family (see the module doc). Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupStore {
     storage: Storage,
     inbox_len: Arc<AtomicUsize>,
+    records: Arc<Mutex<RecordCache>>,
 }
 
 impl GroupStore {
@@ -278,6 +299,7 @@ impl GroupStore {
         let store = Self {
             storage,
             inbox_len: Arc::new(AtomicUsize::new(0)),
+            records: Arc::new(Mutex::new(HashMap::new())),
         };
         let n = store.scan(&[KIND_INBOX])?.len();
         store.inbox_len.store(n, Ordering::Relaxed);
@@ -297,6 +319,32 @@ impl GroupStore {
             None => Ok(None),
             Some(bytes) => Ok(Some(T::from_wire(&bytes).map_err(corrupt(what))?)),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, RecordCache> {
+        // A map of decoded values, consistent after any panic.
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, key: Vec<u8>, bytes: Arc<[u8]>, rec: GroupRecord) {
+        let mut cache = self.cache();
+        if cache.len() >= MAX_CACHED_RECORDS && !cache.contains_key(&key) {
+            cache.clear();
+        }
+        cache.insert(key, (bytes, rec));
+    }
+
+    /// The group record stored as `bytes` under `key`: the cached one if it was decoded from
+    /// the same bytes, else decoded (and cached).
+    fn decode_record(&self, key: &[u8], bytes: &[u8]) -> Result<GroupRecord, NodeError> {
+        if let Some((cached, rec)) = self.cache().get(key) {
+            if **cached == *bytes {
+                return Ok(rec.clone());
+            }
+        }
+        let rec = GroupRecord::from_wire(bytes).map_err(corrupt("group record"))?;
+        self.remember(key.to_vec(), Arc::from(bytes), rec.clone());
+        Ok(rec)
     }
 
     /// Every (key, value) whose key starts with `prefix`.
@@ -326,26 +374,30 @@ impl GroupStore {
         if batch.is_empty() && message.is_none() {
             return Ok(None);
         }
-        Ok(self
+        let index = self
             .storage
-            .commit_group(&batch.puts, &batch.deletes, message)?)
+            .commit_group(&batch.puts, &batch.deletes, message)?;
+        for (key, bytes, rec) in batch.records {
+            self.remember(key, bytes, rec);
+        }
+        Ok(index)
     }
 
     // --- groups --------------------------------------------------------------------------
 
     pub(crate) fn group(&self, g: &GroupId) -> Result<Option<GroupRecord>, NodeError> {
-        self.get_wire(&group_key(g), "group record")
+        let key = group_key(g);
+        match self.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(self.decode_record(&key, &bytes)?)),
+        }
     }
 
     /// Every group this home knows (members or not any more).
     pub(crate) fn groups(&self) -> Result<Vec<GroupRecord>, NodeError> {
         self.scan(&[KIND_GROUP])?
             .into_iter()
-            .map(|(_, v)| {
-                GroupRecord::from_wire(&v)
-                    .map_err(corrupt("group record"))
-                    .map_err(NodeError::from)
-            })
+            .map(|(k, v)| self.decode_record(&k, &v))
             .collect()
     }
 
@@ -558,6 +610,46 @@ mod tests {
         assert_eq!(back.state.id(), rec.state.id());
         assert_eq!(back.secret(), rec.secret());
         assert!(GroupRecord::from_wire(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_cached_record_follows_every_write_and_a_damaged_one_is_still_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = GroupStore::open(Storage::open(dir.path()).expect("open")).expect("store");
+        let mut rec = record();
+        let gid = rec.state.id();
+        let mut batch = Batch::default();
+        batch.put_group(&rec).expect("encodes");
+        store.commit(batch, None).expect("commit");
+        assert_eq!(
+            store.group(&gid).expect("read").map(|r| r.secrets),
+            Some(rec.secrets.clone())
+        );
+        // A write through the typed path is what the next read returns.
+        rec.add_secret(1, [7; 32]);
+        let mut batch = Batch::default();
+        batch.put_group(&rec).expect("encodes");
+        store.commit(batch, None).expect("commit");
+        assert_eq!(
+            store
+                .group(&gid)
+                .expect("read")
+                .and_then(|r| r.secret().copied()),
+            Some([7; 32])
+        );
+        // So is one written as raw bytes (decoded again, since the bytes differ).
+        rec.add_secret(2, [8; 32]);
+        let mut batch = Batch::default();
+        batch.put_raw(group_key(&gid), rec.to_wire().expect("encodes"));
+        store.commit(batch, None).expect("commit");
+        assert_eq!(store.groups().expect("list")[0].secret(), Some(&[8; 32]));
+        // Damaged bytes are not served from the cache.
+        let mut bytes = rec.to_wire().expect("encodes");
+        bytes.truncate(bytes.len() - 1);
+        let mut batch = Batch::default();
+        batch.put_raw(group_key(&gid), bytes);
+        store.commit(batch, None).expect("commit");
+        assert!(store.group(&gid).is_err());
     }
 
     #[test]

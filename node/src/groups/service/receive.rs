@@ -88,14 +88,17 @@ impl GroupService {
         Ok(effects)
     }
 
-    /// Try to open one envelope of `gid` and commit what it carries. Call under `lock`, on a
-    /// blocking thread.
+    /// Try to open one envelope of `gid` and commit what it carries. A gossipsub message
+    /// (`origin`) is accepted — forwarded by gossipsub — as soon as it authenticated, before
+    /// the commit, so that the durable write of each member is not on the path of every hop.
+    /// Call under `lock`, on a blocking thread.
     pub(super) fn open_blocking(
         &self,
         gid: GroupId,
         env: &Envelope,
         arrival: Arrival,
         now: u64,
+        origin: Option<&GossipOrigin>,
     ) -> Result<Opened, NodeError> {
         let Some(mut rec) = self.store.group(&gid)? else {
             return Ok(Opened::NotOurs);
@@ -121,6 +124,23 @@ impl GroupService {
                 verified: false,
             });
         };
+        if iteration < chain.first_iteration() {
+            // Sealed before the author handed us its chain (before we joined, typically the
+            // ops that added earlier members): unreadable to us by design, and no replay —
+            // whoever relays it (gossip history, the group mailbox) is blameless. Marked seen
+            // so that the mailbox collection does not fetch it again.
+            let mut batch = Batch::default();
+            batch.put(
+                store::seen_key(&gid, &envelope_id),
+                "seen envelope",
+                &SeenEnvelope {
+                    via: Via::Other,
+                    at_ms: unix_now_ms(),
+                },
+            )?;
+            self.store.commit(batch, None)?;
+            return Ok(Opened::Drop(GroupError::Replay { iteration }));
+        }
         let next = chain.next_iteration();
         let plaintext = match open_group(&rec.state, &mut chain, env, now) {
             Ok(p) => p,
@@ -131,10 +151,11 @@ impl GroupService {
                 })
             }
             Err(GroupError::FutureEpoch { .. }) => {
+                self.note_behind();
                 return Ok(Opened::Hold {
                     reason: HoldReason::Epoch,
                     verified: false,
-                })
+                });
             }
             Err(e) => return Ok(classify(e)),
         };
@@ -146,6 +167,13 @@ impl GroupService {
                 verified: true,
             });
         }
+        let reported = match origin {
+            Some((id, source)) => self
+                .net
+                .group_report_blocking(id.clone(), *source, MessageAcceptance::Accept, "")
+                .is_ok(),
+            None => false,
+        };
         let now_ms = unix_now_ms();
         let mut batch = Batch::default();
         batch.put(store::receiver_key(&gid, &key_id), "receiver chain", &chain)?;
@@ -175,7 +203,7 @@ impl GroupService {
                 match self.apply_op(&mut rec, &op) {
                     Ok(e) => {
                         if e.changed || e.left || e.rekey {
-                            batch.put(store::group_key(&gid), "group record", &rec)?;
+                            batch.put_group(&rec)?;
                         }
                         effects = e;
                     }
@@ -192,6 +220,7 @@ impl GroupService {
         Ok(Opened::Stored {
             message: index.and(message).map(Box::new),
             effects,
+            reported,
         })
     }
 
@@ -203,26 +232,45 @@ impl GroupService {
         envelope: Envelope,
         arrival: Arrival,
     ) -> (MessageAcceptance, &'static str, bool) {
+        let (acceptance, reason, changed, _) =
+            self.process_from(gid, envelope, arrival, None).await;
+        (acceptance, reason, changed)
+    }
+
+    /// [`Self::process`] for a gossipsub message from `origin`; the last value says whether
+    /// its verdict was reported already (Accept, as soon as it authenticated).
+    pub(super) async fn process_from(
+        self: &Arc<Self>,
+        gid: GroupId,
+        envelope: Envelope,
+        arrival: Arrival,
+        origin: Option<GossipOrigin>,
+    ) -> (MessageAcceptance, &'static str, bool, bool) {
         let opened = {
             let _guard = self.lock.lock().await;
             let this = Arc::clone(self);
             let env = envelope.clone();
-            blocking(move || this.open_blocking(gid, &env, arrival, unix_now())).await
+            blocking(move || this.open_blocking(gid, &env, arrival, unix_now(), origin.as_ref()))
+                .await
         };
         let opened = match opened {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(group = %gid, error = %e, "cannot process a group envelope");
-                return (MessageAcceptance::Ignore, "internal error", false);
+                return (MessageAcceptance::Ignore, "internal error", false, false);
             }
         };
-        match opened {
-            Opened::Stored { message, effects } => {
+        let (acceptance, reason, changed) = match opened {
+            Opened::Stored {
+                message,
+                effects,
+                reported,
+            } => {
                 if let Some(m) = message {
                     self.emit(NodeEvent::MessageReceived(*m));
                 }
                 self.act_on(gid, effects).await;
-                (MessageAcceptance::Accept, "", true)
+                return (MessageAcceptance::Accept, "", true, reported);
             }
             Opened::Hold { reason, verified } => {
                 // How it first came decides whether a later gossip copy is a replay: an honest
@@ -257,7 +305,8 @@ impl GroupService {
                 }
                 (MessageAcceptance::Reject, reason_of(&e), false)
             }
-        }
+        };
+        (acceptance, reason, changed, false)
     }
 
     pub(super) async fn mark_seen(&self, gid: GroupId, envelope: &Envelope) {
@@ -456,7 +505,7 @@ impl GroupService {
                 topic,
                 data,
             } = item;
-            let (acceptance, reason, changed, gid) = match decode_group_envelope(&data) {
+            let (acceptance, reason, changed, gid, reported) = match decode_group_envelope(&data) {
                 Err(e) => {
                     tracing::debug!(peer = %source, error = %e, "undecodable group message");
                     (
@@ -464,24 +513,29 @@ impl GroupService {
                         "undecodable group message",
                         false,
                         None,
+                        false,
                     )
                 }
                 Ok(envelope) => {
                     let gid = lock(&self.topics).get(&topic).copied();
                     match gid {
-                        None => (MessageAcceptance::Ignore, "", false, None),
+                        None => (MessageAcceptance::Ignore, "", false, None, false),
                         Some(gid) => {
-                            let (a, r, c) = self.process(gid, envelope, Arrival::Gossip).await;
-                            (a, r, c, Some(gid))
+                            let origin = Some((id.clone(), source));
+                            let (a, r, c, reported) = self
+                                .process_from(gid, envelope, Arrival::Gossip, origin)
+                                .await;
+                            (a, r, c, Some(gid), reported)
                         }
                     }
                 }
             };
-            if self
-                .net
-                .group_report(id, source, acceptance, reason)
-                .await
-                .is_err()
+            if !reported
+                && self
+                    .net
+                    .group_report(id, source, acceptance, reason)
+                    .await
+                    .is_err()
             {
                 return;
             }
@@ -636,7 +690,8 @@ impl GroupService {
                 match dist.check(&rec.state, &item.sender) {
                     Ok(()) => {}
                     Err(GroupError::FutureEpoch { .. } | GroupError::NotMember) => {
-                        return keep(batch, "sender key from a member we do not know yet")
+                        self.note_behind();
+                        return keep(batch, "sender key from a member we do not know yet");
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "refused a sender key");
@@ -664,7 +719,7 @@ impl GroupService {
                 };
                 match self.apply_op(&mut rec, &op) {
                     Ok(effects) => {
-                        batch.put(store::group_key(&gid), "group record", &rec)?;
+                        batch.put_group(&rec)?;
                         done(batch)?;
                         Ok(InboxOutcome::Done {
                             group: Some(gid),
@@ -673,7 +728,10 @@ impl GroupService {
                             new_secret: false,
                         })
                     }
-                    Err(GroupError::Gap { .. }) => keep(batch, "op far ahead"),
+                    Err(GroupError::Gap { .. }) => {
+                        self.note_behind();
+                        keep(batch, "op far ahead")
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "refused an op");
                         drop_it(batch, "bad op")
@@ -693,7 +751,7 @@ impl GroupService {
                 }
                 let new_secret = rec.add_secret(epoch, group_secret);
                 if new_secret {
-                    batch.put(store::group_key(&gid), "group record", &rec)?;
+                    batch.put_group(&rec)?;
                 }
                 done(batch)?;
                 Ok(InboxOutcome::Done {

@@ -122,7 +122,7 @@ impl GroupService {
                 if let Some(mut rec) = store.group(&gid)? {
                     rec.last_collect = Some(started);
                     let mut batch = Batch::default();
-                    batch.put(store::group_key(&gid), "group record", &rec)?;
+                    batch.put_group(&rec)?;
                     store.commit(batch, None)?;
                 }
                 Ok(())
@@ -465,7 +465,10 @@ impl GroupService {
     }
 
     /// Dial members we are not connected to (all of a small group, a sample of a large one),
-    /// so that gossipsub has members to form its mesh with.
+    /// so that gossipsub has members to form its mesh with. A group in which we already have
+    /// [`MAX_DIAL_MEMBERS`] connected peers subscribed to its topic needs no more (gossipsub's
+    /// mesh holds at most 12): without that bound every member of a large group would look up
+    /// and dial a dozen more members every round, until it was connected to all of them.
     pub(super) async fn connect_members(self: &Arc<Self>, groups: &[GroupRecord]) {
         if groups.is_empty() {
             return;
@@ -483,9 +486,17 @@ impl GroupService {
                 .map(|(id, _)| *id)
                 .filter(|id| *id != self.me)
                 .collect();
+            let subscribed = match self.net.group_topic_peers(rec.state.topic()).await {
+                Ok(peers) => peers.iter().filter(|p| connected.contains(p)).count(),
+                Err(_) => return,
+            };
+            let wanted = MAX_DIAL_MEMBERS.saturating_sub(subscribed);
+            if members.len() > MAX_DIAL_MEMBERS && wanted == 0 {
+                continue;
+            }
             if members.len() > MAX_DIAL_MEMBERS {
                 members.shuffle(&mut OsRng);
-                members.truncate(MAX_DIAL_MEMBERS);
+                members.truncate(wanted);
             }
             for member in members {
                 let known = lock(&self.presence)
