@@ -637,8 +637,10 @@ async fn a_non_member_listening_on_the_topic_learns_nothing() {
         .map(|u| *u.identity.public().as_bytes())
         .collect();
     let all = spy.messages();
-    // It heard the group's traffic: one envelope per text (nothing else was sent meanwhile).
-    assert_eq!(all.len() - earlier, texts.len());
+    // It heard the group's traffic: an envelope per text, and possibly a late copy of an earlier
+    // membership op (a re-publish, or gossip history): those are checked like everything else.
+    assert!(all.len() - earlier >= texts.len());
+    let mut short = 0;
     for (i, m) in all.into_iter().enumerate() {
         if i < earlier {
             assert_eq!(m.source, None);
@@ -662,11 +664,9 @@ async fn a_non_member_listening_on_the_topic_learns_nothing() {
                     == envelope.ciphertext.len()),
             "padded to a bucket"
         );
-        assert_eq!(
-            envelope.ciphertext.len(),
-            meshchat_protocol::envelope::ciphertext_len(256),
-            "short texts all look the same size"
-        );
+        if envelope.ciphertext.len() == meshchat_protocol::envelope::ciphertext_len(256) {
+            short += 1;
+        }
         for text in &texts {
             assert!(!contains(&m.data, text.as_bytes()), "plaintext visible");
         }
@@ -677,6 +677,10 @@ async fn a_non_member_listening_on_the_topic_learns_nothing() {
             );
         }
     }
+    assert!(
+        short >= texts.len(),
+        "short texts all look the same size: {short} in the smallest bucket"
+    );
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

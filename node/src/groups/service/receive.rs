@@ -108,6 +108,22 @@ impl GroupService {
         }
         let envelope_id = env.id();
         if let Some(seen) = self.store.seen(&gid, &envelope_id)? {
+            if arrival == Arrival::Gossip && seen.via == Via::Other {
+                // The one gossip copy a message we had from the group mailbox may still get
+                // (its author kept it until a member subscribed): ignored, but from now on a
+                // copy over gossipsub is a replay.
+                let mut batch = Batch::default();
+                batch.put(
+                    store::seen_key(&gid, &envelope_id),
+                    "seen envelope",
+                    &SeenEnvelope {
+                        via: Via::Gossip,
+                        at_ms: seen.at_ms,
+                    },
+                )?;
+                self.store.commit(batch, None)?;
+                return Ok(Opened::Duplicate);
+            }
             return Ok(if arrival == Arrival::Gossip && seen.via == Via::Gossip {
                 Opened::Replay
             } else {
