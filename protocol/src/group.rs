@@ -12,12 +12,12 @@
 
 use std::{fmt, str::FromStr};
 
+use crate::ratchet::kdf_ck; // the chain step is the Double Ratchet's
 use chacha20poly1305::{
-    aead::{Aead, KeyInit, Payload},
+    aead::{Aead, Payload},
     ChaCha20Poly1305,
 };
 use hkdf::Hkdf;
-use hmac::{Hmac, Mac};
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -73,9 +73,9 @@ pub const MESSAGE_SIGNATURE_DOMAIN: &[u8] = b"group-message";
 /// The signature domain of invites.
 pub const INVITE_SIGNATURE_DOMAIN: &[u8] = b"group-invite";
 /// HMAC input deriving a message key from a sender chain key.
-pub const CHAIN_MESSAGE_INPUT: u8 = 0x01;
+pub const CHAIN_MESSAGE_INPUT: u8 = crate::ratchet::KDF_CK_MESSAGE;
 /// HMAC input deriving the next sender chain key.
-pub const CHAIN_NEXT_INPUT: u8 = 0x02;
+pub const CHAIN_NEXT_INPUT: u8 = crate::ratchet::KDF_CK_CHAIN;
 /// Length of the key id in a group message header.
 pub const KEY_ID_BYTES: usize = 16;
 
@@ -1410,29 +1410,10 @@ fn signed_bytes(
     Ok(m)
 }
 
-fn hmac(key: &[u8; 32], input: u8) -> Zeroizing<[u8; 32]> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
-        .expect("invariant: HMAC accepts keys of any length");
-    mac.update(&[input]);
-    Zeroizing::new(mac.finalize().into_bytes().into())
-}
-
-/// (next chain key `HMAC(ck, 0x02)`, message key `HMAC(ck, 0x01)`).
-fn kdf_ck(ck: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
-    (hmac(ck, CHAIN_NEXT_INPUT), hmac(ck, CHAIN_MESSAGE_INPUT))
-}
-
-/// The AEAD of a message key: key and nonce from `HKDF(salt = 0^32, ikm = mk, info, 44)`.
+/// The AEAD of a message key: key and nonce from `HKDF(salt = 0^32, ikm = mk, info, 44)`, with
+/// the group's own `info`.
 fn message_cipher(mk: &[u8; 32]) -> (ChaCha20Poly1305, [u8; 12]) {
-    let mut okm = Zeroizing::new([0u8; 44]);
-    Hkdf::<Sha256>::new(Some(&[0u8; 32]), mk)
-        .expand(GROUP_MESSAGE_KEY_INFO, okm.as_mut())
-        .expect("invariant: 44 bytes is a valid HKDF-SHA256 output length");
-    let cipher = ChaCha20Poly1305::new_from_slice(&okm[..32])
-        .expect("invariant: ChaCha20-Poly1305 keys are 32 bytes");
-    let mut nonce = [0u8; 12];
-    nonce.copy_from_slice(&okm[32..]);
-    (cipher, nonce)
+    crate::ratchet::message_cipher_with(mk, GROUP_MESSAGE_KEY_INFO)
 }
 
 /// The AEAD associated data, as the envelope's: `0x01 || routing_key || u64(timestamp) ||
@@ -2156,6 +2137,7 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::content::Content;
+    use hmac::{Hmac, Mac};
     use proptest::prelude::*;
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;

@@ -228,15 +228,21 @@ fn hmac(key: &[u8; 32], input: u8) -> Zeroizing<[u8; 32]> {
 }
 
 /// `KDF_CK(ck)` = (next chain key `HMAC(ck, 0x02)`, message key `HMAC(ck, 0x01)`).
-fn kdf_ck(ck: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+/// Shared with the group sender chains (`group.rs`), which use the same chain step.
+pub(crate) fn kdf_ck(ck: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
     (hmac(ck, KDF_CK_CHAIN), hmac(ck, KDF_CK_MESSAGE))
 }
 
 /// The AEAD key and nonce of a message key: `HKDF(salt = 0^32, ikm = mk, info, 44)`.
 fn message_cipher(mk: &[u8; 32]) -> (ChaCha20Poly1305, [u8; 12]) {
+    message_cipher_with(mk, MESSAGE_KEY_INFO)
+}
+
+/// As [`message_cipher`], under another `info` (the group sender chains use their own).
+pub(crate) fn message_cipher_with(mk: &[u8; 32], info: &[u8]) -> (ChaCha20Poly1305, [u8; 12]) {
     let mut okm = Zeroizing::new([0u8; 44]);
     Hkdf::<Sha256>::new(Some(&[0u8; 32]), mk)
-        .expand(MESSAGE_KEY_INFO, okm.as_mut())
+        .expand(info, okm.as_mut())
         .expect("invariant: 44 bytes is a valid HKDF-SHA256 output length");
     let cipher = ChaCha20Poly1305::new_from_slice(&okm[..32])
         .expect("invariant: ChaCha20-Poly1305 keys are 32 bytes");
