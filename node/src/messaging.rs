@@ -291,7 +291,40 @@ enum Sealed {
     NeedsBundle(String),
 }
 
-type PeerAddrs = Vec<(PeerId, Vec<Multiaddr>)>;
+/// Peers that serve a user, with their addresses (from a presence record).
+pub(crate) type PeerAddrs = Vec<(PeerId, Vec<Multiaddr>)>;
+
+/// The peers of the newest presence record among `found` that opens under `keys` at `now`,
+/// other than `own` (empty when none opens). Used for contacts' and group members' presence.
+pub(crate) fn newest_presence_peers(
+    keys: &PresenceKeys,
+    found: &[crate::event_loop::FoundRecord],
+    now: u64,
+    own: PeerId,
+) -> PeerAddrs {
+    let best = found
+        .iter()
+        .filter_map(|r| PresenceRecord::from_wire(&r.value).ok())
+        .filter_map(|rec| keys.open(&rec, now).ok().map(|p| (rec.seq, p)))
+        .max_by_key(|(seq, _)| *seq);
+    let Some((_, presence)) = best else {
+        return Vec::new();
+    };
+    presence
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let peer = PeerId::from_bytes(&p.peer_id).ok()?;
+            let addrs = p
+                .addrs
+                .iter()
+                .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                .collect();
+            Some((peer, addrs))
+        })
+        .filter(|(peer, _)| *peer != own)
+        .collect()
+}
 
 /// The messaging state shared by the node's tasks and handles.
 pub(crate) struct Messenger {
@@ -807,30 +840,10 @@ impl Messenger {
         for epoch in [current, current.saturating_sub(1)] {
             let keys = PresenceKeys::derive(&pair, to, epoch);
             let found = self.net.get_record(keys.dht_key()).await?;
-            let best = found
-                .iter()
-                .filter_map(|r| PresenceRecord::from_wire(&r.value).ok())
-                .filter_map(|rec| keys.open(&rec, now).ok().map(|p| (rec.seq, p)))
-                .max_by_key(|(seq, _)| *seq);
-            if let Some((_, presence)) = best {
-                let peers: PeerAddrs = presence
-                    .peers
-                    .iter()
-                    .filter_map(|p| {
-                        let peer = PeerId::from_bytes(&p.peer_id).ok()?;
-                        let addrs = p
-                            .addrs
-                            .iter()
-                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-                            .collect();
-                        Some((peer, addrs))
-                    })
-                    .filter(|(peer, _)| *peer != self.peer_id)
-                    .collect();
-                if !peers.is_empty() {
-                    lock(&self.presence_cache).insert(*to, (Instant::now(), peers.clone()));
-                    return Ok(peers);
-                }
+            let peers = newest_presence_peers(&keys, &found, now, self.peer_id);
+            if !peers.is_empty() {
+                lock(&self.presence_cache).insert(*to, (Instant::now(), peers.clone()));
+                return Ok(peers);
             }
         }
         Ok(Vec::new())

@@ -28,6 +28,7 @@ use std::{
 };
 
 use futures::StreamExt;
+
 use libp2p::{
     gossipsub::{MessageAcceptance, TopicHash},
     multiaddr::Protocol,
@@ -41,7 +42,7 @@ use meshchat_protocol::{
         MembershipOp, ReceiverChain, Role, SenderChain, SenderKeyDistribution, VerifiedInvite,
     },
     group_mailbox,
-    records::{Presence, PresenceKeys, PresencePeer, PresenceRecord},
+    records::{Presence, PresenceKeys, PresencePeer},
     Envelope, Identity, MailboxResponse, MessageId, PublicIdentity, Wire, MAX_TEXT_BYTES,
 };
 use rand::{rngs::OsRng, seq::SliceRandom, RngCore};
@@ -63,7 +64,7 @@ use crate::{
     error::NodeError,
     event_loop::{GossipInbound, NetClient, PublishOutcome},
     mailbox::{self, ReplicaStore},
-    messaging::Messenger,
+    messaging::{Messenger, PeerAddrs},
     node::NodeEvent,
     storage::{Direction, Status, Storage, StoredMessage},
 };
@@ -126,7 +127,6 @@ const SEEN_RETENTION_MS: u64 = (meshchat_protocol::group::GROUP_TTL_SECS as u64 
 /// The domain of the group presence secret.
 const GROUP_PRESENCE_DOMAIN: &[u8] = b"meshchat/group-presence/v1";
 
-type PeerAddrs = Vec<(PeerId, Vec<Multiaddr>)>;
 /// When our presence record for a group was last published: day, group secret, time, the
 /// addresses it lists.
 type Published = (u64, [u8; 32], Instant, Vec<Multiaddr>);

@@ -3,6 +3,7 @@
 //! members. See `docs/architecture.md`, "Groups".
 
 use super::*;
+use crate::messaging::newest_presence_peers;
 
 impl GroupService {
     // ------------------------------------------------------------------------------------
@@ -421,34 +422,14 @@ impl GroupService {
                 let Ok(found) = self.net.get_record(keys.dht_key()).await else {
                     return Vec::new();
                 };
-                let best = found
-                    .iter()
-                    .filter_map(|r| PresenceRecord::from_wire(&r.value).ok())
-                    .filter_map(|rec| keys.open(&rec, now).ok().map(|p| (rec.seq, p)))
-                    .max_by_key(|(seq, _)| *seq);
-                if let Some((_, presence)) = best {
-                    let peers: PeerAddrs = presence
-                        .peers
-                        .iter()
-                        .filter_map(|p| {
-                            let peer = PeerId::from_bytes(&p.peer_id).ok()?;
-                            let addrs = p
-                                .addrs
-                                .iter()
-                                .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-                                .collect();
-                            Some((peer, addrs))
-                        })
-                        .filter(|(p, _)| *p != self.peer_id)
-                        .collect();
-                    if !peers.is_empty() {
-                        let mut cache = lock(&self.presence);
-                        if cache.len() >= MAX_REMEMBERED_MEMBERS {
-                            cache.clear();
-                        }
-                        cache.insert((gid, member), (Instant::now(), peers.clone()));
-                        return peers;
+                let peers = newest_presence_peers(&keys, &found, now, self.peer_id);
+                if !peers.is_empty() {
+                    let mut cache = lock(&self.presence);
+                    if cache.len() >= MAX_REMEMBERED_MEMBERS {
+                        cache.clear();
                     }
+                    cache.insert((gid, member), (Instant::now(), peers.clone()));
+                    return peers;
                 }
             }
         }
