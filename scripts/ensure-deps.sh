@@ -8,8 +8,17 @@
 set -euo pipefail
 
 missing=()
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/*/libclang*.so* >/dev/null 2>&1 \
-  || missing+=(libclang-dev)
+# libclang itself (libclang.so / libclang-14.so.1), not libclang-cpp, which some images carry
+# without it and which bindgen cannot use.
+have_libclang() {
+  local f
+  for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+    /usr/lib/*/libclang.so* /usr/lib/*/libclang-[0-9]*.so*; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
+have_libclang || missing+=(libclang-dev)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
