@@ -1160,7 +1160,7 @@ impl Messenger {
                         followups -= 1;
                         COLLECT_FOLLOWUP_PAUSE * (COLLECT_FOLLOWUPS - followups)
                     } else {
-                        self.mailbox.collect_interval
+                        crate::mailbox::jittered(self.mailbox.collect_interval)
                     };
                     next = tokio::time::Instant::now() + wait;
                 }

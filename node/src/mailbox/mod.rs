@@ -13,6 +13,18 @@ pub use store::{RateLimiter, ReplicaError, ReplicaLimits, ReplicaStore, StoreOut
 /// The protocol id of the mailbox protocol.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshchat/mailbox/1.0.0");
 
+/// The share of a period by which each collection and repair round is moved, at random, earlier
+/// or later: nodes started together (a home server's friends after a power cut, a simulation)
+/// would otherwise run their rounds in step and load their replicas all at once.
+pub const JITTER: f64 = 0.2;
+
+/// `period` moved by a uniformly random share of at most ±[`JITTER`].
+pub(crate) fn jittered(period: Duration) -> Duration {
+    use rand::Rng;
+    let factor = rand::thread_rng().gen_range((1.0 - JITTER)..=(1.0 + JITTER));
+    period.mul_f64(factor)
+}
+
 /// Placement, collection and repair settings, with their defaults.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -24,10 +36,10 @@ pub struct Config {
     /// majority of 5); when fewer peers exist than that, all of those found must acknowledge.
     pub quorum: usize,
     /// How often the recipient collects from all its mailboxes even without a reason. Default
-    /// 60 s.
+    /// 60 s; each wait is drawn from ±[`JITTER`] of it.
     pub collect_interval: Duration,
     /// How often a replica checks that the closest peers of each mailbox it holds have a copy,
-    /// and sweeps expired envelopes. Default 60 s.
+    /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it.
     pub repair_interval: Duration,
     /// Act as a replica for others (STORE, FETCH, DELETE, REPLICATE). Default true.
     pub serve: bool,
@@ -45,5 +57,22 @@ impl Default for Config {
             serve: true,
             limits: ReplicaLimits::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jittered_periods_stay_within_the_stated_share_and_are_spread() {
+        let period = Duration::from_secs(60);
+        let waits: Vec<Duration> = (0..1000).map(|_| jittered(period)).collect();
+        let (lo, hi) = (period.mul_f64(1.0 - JITTER), period.mul_f64(1.0 + JITTER));
+        assert!(waits.iter().all(|w| *w >= lo && *w <= hi));
+        // Spread over the window, not one value: both outer fifths are hit.
+        let fifth = period.mul_f64(JITTER * 2.0 / 5.0);
+        assert!(waits.iter().any(|w| *w < lo + fifth));
+        assert!(waits.iter().any(|w| *w > hi - fifth));
     }
 }

@@ -315,16 +315,15 @@ impl Service {
         copies
     }
 
-    /// The repair loop: every `repair_interval` until shutdown.
+    /// The repair loop: every `repair_interval` (±[`super::JITTER`]) until shutdown.
     pub(crate) async fn repair_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.config.repair_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
             tokio::select! {
                 biased;
                 _ = stopping(&mut shutdown) => return,
-                _ = tick.tick() => { self.repair().await; }
+                _ = tokio::time::sleep(super::jittered(self.config.repair_interval)) => {
+                    self.repair().await;
+                }
             }
         }
     }
