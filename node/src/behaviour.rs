@@ -57,7 +57,8 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) direct: DirectBehaviour,
     pub(crate) mailbox: MailboxBehaviour,
-    pub(crate) gossipsub: GossipBehaviour,
+    /// Its streams do not keep a connection open, only its mesh does (`crate::keep_alive`).
+    pub(crate) gossipsub: crate::keep_alive::Behaviour<GossipBehaviour>,
     pub(crate) relay_client: relay::client::Behaviour,
     /// Only on home servers (`meshchat serve`).
     pub(crate) relay_server: Toggle<relay::Behaviour>,
@@ -130,7 +131,8 @@ impl Behaviour {
                 .with_max_concurrent_streams(l.max_direct_streams),
         );
 
-        let gossipsub = crate::event_loop::gossipsub_behaviour(config)?;
+        let gossipsub =
+            crate::keep_alive::Behaviour::new(crate::event_loop::gossipsub_behaviour(config)?);
         let relay_server = Toggle::from(config.home_server.then(|| {
             relay::Behaviour::new(peer_id, crate::event_loop::relay_server_config(config))
         }));

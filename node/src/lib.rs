@@ -9,6 +9,7 @@ pub mod direct;
 pub mod error;
 mod event_loop;
 pub mod groups;
+mod keep_alive;
 pub mod mailbox;
 mod messaging;
 mod node;

@@ -52,6 +52,15 @@ async fn start(bootstrap: Vec<Multiaddr>) -> TestNode {
 
 /// Start a node; `serve_mailbox: false` makes it refuse to be a mailbox replica.
 async fn start_with(bootstrap: Vec<Multiaddr>, serve_mailbox: bool) -> TestNode {
+    start_full(bootstrap, serve_mailbox, None).await
+}
+
+/// Start a node, with its own idle-connection timeout if `idle` is given.
+async fn start_full(
+    bootstrap: Vec<Multiaddr>,
+    serve_mailbox: bool,
+    idle: Option<Duration>,
+) -> TestNode {
     let home = tempfile::tempdir().expect("tempdir");
     let identity = Identity::generate(&mut OsRng);
     {
@@ -64,6 +73,9 @@ async fn start_with(bootstrap: Vec<Multiaddr>, serve_mailbox: bool) -> TestNode 
     config.dht_server = true;
     config.send_timeout = Duration::from_secs(10);
     config.mailbox.serve = serve_mailbox;
+    if let Some(idle) = idle {
+        config.limits.idle_connection_timeout = idle;
+    }
     let handle = Node::start(config).await.expect("node starts");
     let status = handle.status().await.expect("status");
     let addr: Multiaddr = status
@@ -245,6 +257,76 @@ async fn two_users_exchange_messages_both_ways_through_presence_and_direct_deliv
     for n in [&a, &b, &boot] {
         n.handle.shutdown().await;
     }
+}
+
+/// Whether `node` reaches a moment with no connection before `limit` passes.
+async fn becomes_unconnected(node: &TestNode, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if node
+            .handle
+            .status()
+            .await
+            .expect("status")
+            .connected
+            .is_empty()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Idle connections close: gossipsub opens a stream on every connection (its extensions
+/// message) and holds it, and libp2p counts open streams as activity, so before
+/// `keep_alive` wrapped it no connection of a node ever closed, and a node kept every peer it
+/// had ever spoken to. A message afterwards reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_close_and_a_later_message_reconnects() {
+    let idle = Some(Duration::from_secs(1));
+    let boot = start_full(Vec::new(), true, idle).await;
+    let a = start_full(vec![boot.addr.clone()], true, idle).await;
+    let b = start_full(vec![boot.addr.clone()], true, idle).await;
+    a.handle
+        .add_contact("bob".into(), b.identity.public())
+        .await
+        .expect("add bob");
+    b.handle
+        .add_contact("alice".into(), a.identity.public())
+        .await
+        .expect("add alice");
+    for n in [&a, &b] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let report = n.handle.publish_records().await.expect("publish");
+            if report.bundle_published && report.presence_published == 1 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "records not published"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Start-up work (bootstrap, publication, the first collection rounds) is over within
+    // seconds; then a one-second idle timeout must be able to close everything.
+    for (name, n) in [("alice", &a), ("bob", &b), ("the bootstrap node", &boot)] {
+        assert!(
+            becomes_unconnected(n, Duration::from_secs(20)).await,
+            "{name} still holds a connection 20 s after start with a 1 s idle timeout"
+        );
+    }
+    let mut inbox = b.handle.subscribe();
+    let report = a
+        .handle
+        .send_text(b.identity.public(), "after the quiet".into())
+        .await
+        .expect("send");
+    assert_eq!(report.outcome, SendOutcome::Delivered);
+    let got = next_message(&mut inbox).await;
+    assert_eq!(got.body, "after the quiet");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
