@@ -1722,7 +1722,14 @@ impl Messenger {
         now: u64,
     ) -> Result<bool, NodeError> {
         let record = own_record(key, value, expires_at, now);
-        match self.net.put_record(record).await.map_err(stopped)? {
+        let began = Instant::now();
+        let result = self.net.put_record(record).await.map_err(stopped)?;
+        tracing::debug!(
+            ms = began.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "DHT put finished"
+        );
+        match result {
             Ok(()) => Ok(true),
             Err(e) => {
                 tracing::debug!(error = %e, "DHT put failed");

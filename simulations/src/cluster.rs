@@ -396,12 +396,18 @@ impl Cluster {
         if self.slots.is_empty() {
             return Ok(());
         }
+        use futures::StreamExt;
         self.start(0).await?;
-        let rest: Vec<usize> = (1..self.slots.len()).collect();
-        for chunk in rest.chunks(parallel.max(1)) {
-            let results = futures::future::join_all(chunk.iter().map(|&i| self.start(i))).await;
-            for r in results {
-                r?;
+        let mut started = futures::stream::iter(1..self.slots.len())
+            .map(|i| self.start(i))
+            .buffer_unordered(parallel.max(1));
+        let (mut done, mut last_log) = (1usize, tokio::time::Instant::now());
+        while let Some(r) = started.next().await {
+            r?;
+            done += 1;
+            if last_log.elapsed() >= Duration::from_secs(10) {
+                last_log = tokio::time::Instant::now();
+                tracing::info!("start: {done} of {} nodes running", self.slots.len());
             }
         }
         Ok(())
@@ -618,10 +624,17 @@ impl Cluster {
             .ok_or(ClusterError::NotRunning { node: i })?;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            let began = tokio::time::Instant::now();
             let report = handle
                 .publish_records()
                 .await
                 .map_err(|source| ClusterError::Node { node: i, source })?;
+            tracing::debug!(
+                node = i,
+                ms = began.elapsed().as_millis() as u64,
+                ?report,
+                "records published"
+            );
             if report.bundle_published && report.presence_failed == 0 {
                 return Ok(true);
             }

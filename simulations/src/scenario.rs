@@ -36,6 +36,8 @@ use crate::{
 
 /// How often a long run logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Contacts made and records published at once while the scenario sets up.
+const SETUP_PARALLEL: usize = 32;
 
 /// The harness parameters every scenario shares.
 #[derive(Debug, Clone)]
@@ -316,29 +318,39 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     } else {
         Vec::new()
     };
-    for chunk in pairs.chunks(32) {
-        let r = futures::future::join_all(chunk.iter().map(|&(a, b)| cluster.befriend(a, b))).await;
-        for x in r {
-            x?;
+    {
+        use futures::StreamExt;
+        let mut befriended = futures::stream::iter(pairs.iter())
+            .map(|&(a, b)| cluster.befriend(a, b))
+            .buffer_unordered(SETUP_PARALLEL);
+        while let Some(r) = befriended.next().await {
+            r?;
         }
     }
     // Publish the presence records for the new contacts now rather than at the next round,
-    // so that the first messages can go directly.
+    // so that the first messages can go directly. A slow node holds up only its own slot.
     let mut unpublished = 0;
     let publishers: Vec<usize> = if one_to_one {
         (0..params.nodes).collect()
     } else {
         Vec::new()
     };
-    for chunk in publishers.chunks(32) {
-        let r = futures::future::join_all(
-            chunk
-                .iter()
-                .map(|&i| cluster.publish(i, Duration::from_secs(10))),
-        )
-        .await;
-        for x in r {
-            unpublished += usize::from(!x?);
+    {
+        use futures::StreamExt;
+        let mut published = futures::stream::iter(publishers.iter())
+            .map(|&i| cluster.publish(i, Duration::from_secs(10)))
+            .buffer_unordered(SETUP_PARALLEL);
+        let (mut done, mut last_log) = (0usize, Instant::now());
+        while let Some(r) = published.next().await {
+            unpublished += usize::from(!r?);
+            done += 1;
+            if last_log.elapsed() >= PROGRESS_EVERY {
+                last_log = Instant::now();
+                tracing::info!(
+                    "records: {done} of {} nodes published ({unpublished} incomplete)",
+                    publishers.len()
+                );
+            }
         }
     }
     phase("contacts", &journal);
