@@ -8,7 +8,7 @@
 //! inbound gossipsub stream open for as long as the connection lives. libp2p counts open streams
 //! as activity, so no connection of a node ever became idle: a node kept every peer it had
 //! ever spoken to (a Kademlia lookup, one message, a mailbox store) until the connection limit,
-//! at ~120 KiB of buffers per connection (rust-libp2p issue #5190 describes the same for topic
+//! at ~60-120 KiB of buffers per connection (rust-libp2p issue #5190 describes the same for topic
 //! peers). Wrapped, gossipsub keeps exactly the connections it means to keep (its mesh peers,
 //! through `connection_keep_alive`), and every other connection closes when nothing else uses
 //! it.
