@@ -103,9 +103,17 @@ async fn mesh() -> (TestNode, TestNode, TestNode) {
 
 /// [`mesh`], with a bootstrap node that serves mailboxes or not.
 async fn mesh_with(boot_serves_mailboxes: bool) -> (TestNode, TestNode, TestNode) {
-    let boot = start_with(Vec::new(), boot_serves_mailboxes).await;
-    let a = start(vec![boot.addr.clone()]).await;
-    let b = start(vec![boot.addr.clone()]).await;
+    mesh_configured(boot_serves_mailboxes, None).await
+}
+
+/// [`mesh_with`], every node with its own idle-connection timeout if `idle` is given.
+async fn mesh_configured(
+    boot_serves_mailboxes: bool,
+    idle: Option<Duration>,
+) -> (TestNode, TestNode, TestNode) {
+    let boot = start_full(Vec::new(), boot_serves_mailboxes, idle).await;
+    let a = start_full(vec![boot.addr.clone()], true, idle).await;
+    let b = start_full(vec![boot.addr.clone()], true, idle).await;
     a.handle
         .add_contact("bob".into(), b.identity.public())
         .await
@@ -284,32 +292,7 @@ async fn becomes_unconnected(node: &TestNode, limit: Duration) -> bool {
 /// had ever spoken to. A message afterwards reconnects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_connections_close_and_a_later_message_reconnects() {
-    let idle = Some(Duration::from_secs(1));
-    let boot = start_full(Vec::new(), true, idle).await;
-    let a = start_full(vec![boot.addr.clone()], true, idle).await;
-    let b = start_full(vec![boot.addr.clone()], true, idle).await;
-    a.handle
-        .add_contact("bob".into(), b.identity.public())
-        .await
-        .expect("add bob");
-    b.handle
-        .add_contact("alice".into(), a.identity.public())
-        .await
-        .expect("add alice");
-    for n in [&a, &b] {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let report = n.handle.publish_records().await.expect("publish");
-            if report.bundle_published && report.presence_published == 1 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "records not published"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let (boot, a, b) = mesh_configured(true, Some(Duration::from_secs(1))).await;
     // Start-up work (bootstrap, publication, the first collection rounds) is over within
     // seconds; then a one-second idle timeout must be able to close everything.
     for (name, n) in [("alice", &a), ("bob", &b), ("the bootstrap node", &boot)] {
