@@ -1724,15 +1724,14 @@ impl Messenger {
         let record = own_record(key, value, expires_at, now);
         let began = Instant::now();
         let result = self.net.put_record(record).await.map_err(stopped)?;
-        tracing::debug!(
-            ms = began.elapsed().as_millis() as u64,
-            ok = result.is_ok(),
-            "DHT put finished"
-        );
+        let ms = began.elapsed().as_millis() as u64;
         match result {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                tracing::debug!(ms, "DHT put done");
+                Ok(true)
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "DHT put failed");
+                tracing::debug!(ms, error = %e, "DHT put failed");
                 Ok(false)
             }
         }

@@ -23,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use meshchat_node::{
     groups::GroupSendOutcome,
@@ -39,6 +40,38 @@ use tokio::{
 };
 
 use crate::journal::{Journal, NodeChange, SendRecord, SendResult};
+
+/// How often a long run or a long set-up phase logs its progress.
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts the items of a long phase and says when a progress line is due (every
+/// [`PROGRESS_EVERY`]).
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// Items done so far.
+    pub(crate) done: usize,
+    last: tokio::time::Instant,
+}
+
+impl Progress {
+    /// `done` items already done.
+    pub(crate) fn new(done: usize) -> Self {
+        Self {
+            done,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// One more item done; whether to log now.
+    pub(crate) fn step(&mut self) -> bool {
+        self.done += 1;
+        if self.last.elapsed() < PROGRESS_EVERY {
+            return false;
+        }
+        self.last = tokio::time::Instant::now();
+        true
+    }
+}
 
 /// Homes created at once.
 const HOME_PARALLEL: usize = 16;
@@ -396,17 +429,15 @@ impl Cluster {
         if self.slots.is_empty() {
             return Ok(());
         }
-        use futures::StreamExt;
         self.start(0).await?;
         let mut started = futures::stream::iter(1..self.slots.len())
             .map(|i| self.start(i))
             .buffer_unordered(parallel.max(1));
-        let (mut done, mut last_log) = (1usize, tokio::time::Instant::now());
+        let mut progress = Progress::new(1);
         while let Some(r) = started.next().await {
             r?;
-            done += 1;
-            if last_log.elapsed() >= Duration::from_secs(10) {
-                last_log = tokio::time::Instant::now();
+            if progress.step() {
+                let done = progress.done;
                 tracing::info!("start: {done} of {} nodes running", self.slots.len());
             }
         }

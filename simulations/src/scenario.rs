@@ -23,19 +23,18 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use futures::StreamExt;
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 
 use crate::{
-    cluster::{Cluster, ClusterConfig, ClusterError},
+    cluster::{Cluster, ClusterConfig, ClusterError, Progress, PROGRESS_EVERY},
     journal::{Journal, MessageRecord, SendResult},
     report::{self, Summary},
     sys,
 };
 
-/// How often a long run logs its progress.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Contacts made and records published at once while the scenario sets up.
 const SETUP_PARALLEL: usize = 32;
 
@@ -318,15 +317,13 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     } else {
         Vec::new()
     };
-    {
-        use futures::StreamExt;
-        let mut befriended = futures::stream::iter(pairs.iter())
-            .map(|&(a, b)| cluster.befriend(a, b))
-            .buffer_unordered(SETUP_PARALLEL);
-        while let Some(r) = befriended.next().await {
-            r?;
-        }
+    let mut befriended = futures::stream::iter(pairs.iter())
+        .map(|&(a, b)| cluster.befriend(a, b))
+        .buffer_unordered(SETUP_PARALLEL);
+    while let Some(r) = befriended.next().await {
+        r?;
     }
+    drop(befriended);
     // Publish the presence records for the new contacts now rather than at the next round,
     // so that the first messages can go directly. A slow node holds up only its own slot.
     let mut unpublished = 0;
@@ -335,24 +332,21 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     } else {
         Vec::new()
     };
-    {
-        use futures::StreamExt;
-        let mut published = futures::stream::iter(publishers.iter())
-            .map(|&i| cluster.publish(i, Duration::from_secs(10)))
-            .buffer_unordered(SETUP_PARALLEL);
-        let (mut done, mut last_log) = (0usize, Instant::now());
-        while let Some(r) = published.next().await {
-            unpublished += usize::from(!r?);
-            done += 1;
-            if last_log.elapsed() >= PROGRESS_EVERY {
-                last_log = Instant::now();
-                tracing::info!(
-                    "records: {done} of {} nodes published ({unpublished} incomplete)",
-                    publishers.len()
-                );
-            }
+    let mut published = futures::stream::iter(publishers.iter())
+        .map(|&i| cluster.publish(i, Duration::from_secs(10)))
+        .buffer_unordered(SETUP_PARALLEL);
+    let mut progress = Progress::new(0);
+    while let Some(r) = published.next().await {
+        unpublished += usize::from(!r?);
+        if progress.step() {
+            let done = progress.done;
+            tracing::info!(
+                "records: {done} of {} nodes published ({unpublished} incomplete)",
+                publishers.len()
+            );
         }
     }
+    drop(published);
     phase("contacts", &journal);
     let mut ctx = Ctx {
         cluster: Arc::clone(&cluster),
