@@ -37,3 +37,9 @@ pub fn presence_keys() -> PresenceKeys {
     let (a, b) = (alice(), bob());
     PresenceKeys::derive(&pair_secret(&b, &a.public()), &a.public(), epoch(NOW))
 }
+
+/// The key Bob opens Alice's vector pair envelope with.
+pub fn pair_envelope_key() -> meshchat_protocol::PairEnvelopeKey {
+    let (a, b) = (alice(), bob());
+    meshchat_protocol::PairEnvelopeKey::derive(&pair_secret(&b, &a.public()), &b.public(), epoch(NOW))
+}

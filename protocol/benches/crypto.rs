@@ -17,8 +17,9 @@ use ed25519_dalek::{Signer, SigningKey};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use meshchat_protocol::{
-    envelope, open_message, ratchet::ASSOCIATED_DATA_LEN, seal_message, x3dh, Identity,
-    PrekeySecrets, PublicIdentity, RatchetState, ReplayCache, SessionRecord,
+    envelope, open_message, open_pair_message, pair_secret, ratchet::ASSOCIATED_DATA_LEN,
+    seal_message, seal_pair_message, x3dh, Identity, PairEnvelopeKey, PrekeySecrets,
+    PublicIdentity, RatchetState, ReplayCache, SessionRecord,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -277,6 +278,41 @@ fn composite(c: &mut Criterion) {
                 &mut b_prekeys,
                 &mut b_replay,
                 |_| Some(rec),
+                &env,
+                NOW,
+            )
+            .expect("opens");
+            b_record = got.record;
+            got.plaintext.len()
+        })
+    });
+
+    // The same established session through pair envelopes (seal_pair_message /
+    // open_pair_message): ratchet plus a symmetric envelope keyed by the pair secret, as the
+    // node sends once the partner has written back.
+    let a_key = PairEnvelopeKey::derive(&pair_secret(&alice, &bob.public()), &bob.public(), 7);
+    let b_key = PairEnvelopeKey::derive(&pair_secret(&bob, &alice.public()), &bob.public(), 7);
+    g.bench_function("pair_message_1KiB_seal_and_open", |bench| {
+        bench.iter(|| {
+            let env = seal_pair_message(
+                &mut a_record,
+                &bob.public(),
+                &a_key,
+                [0; 32],
+                NOW,
+                envelope::DEFAULT_TTL_SECS,
+                black_box(&body),
+                &mut rng,
+            )
+            .expect("seals");
+            let rec = std::mem::take(&mut b_record);
+            let got = open_pair_message(
+                &bob,
+                &mut b_prekeys,
+                &mut b_replay,
+                |_| Some(rec),
+                &alice.public(),
+                &b_key,
                 &env,
                 NOW,
             )

@@ -19,7 +19,7 @@ pub use addressing::{
     epoch, first_contact_mailbox, mailbox_key, pair_secret, PairSecret, EPOCH_SECS,
 };
 pub use content::{Content, ContentError, MessageId, ReceiptKind, MAX_TEXT_BYTES};
-pub use envelope::{Envelope, EnvelopeError, Opened};
+pub use envelope::{Envelope, EnvelopeError, Opened, PairEnvelopeKey};
 pub use group::{
     group_key_id, group_mailbox, open_group, seal_group, topic_for, Applied, GroupBody,
     GroupControl, GroupError, GroupId, GroupInvite, GroupPlaintext, GroupSnapshot, GroupState,
@@ -36,7 +36,8 @@ pub use records::{
 };
 pub use replay::ReplayCache;
 pub use session::{
-    open_message, seal_message, Received, SessionError, SessionMessage, SessionRecord,
+    open_message, open_pair_message, seal_message, seal_pair_message, Received, SessionError,
+    SessionMessage, SessionRecord,
 };
 pub use wire::{Wire, WireError};
 pub use x3dh::{PreKeyHeader, X3dhError};

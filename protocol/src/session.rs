@@ -1,7 +1,9 @@
 //! Sessions: what the node calls to send and receive a 1:1 message. A session is one X3DH
 //! handshake followed by a Double Ratchet; a [`SessionRecord`] holds the sessions with one peer;
-//! [`seal_message`] and [`open_message`] wrap session messages in sealed envelopes. See
-//! `docs/protocol.md`, section "Session messages".
+//! [`seal_message`] and [`open_message`] wrap session messages in sealed envelopes;
+//! [`seal_pair_message`] and [`open_pair_message`] in pair envelopes, once the session is
+//! established and both partners route by pair mailboxes. See `docs/protocol.md`, section
+//! "Session messages".
 //!
 //! ```text
 //!  seal_message: record has a current session? ── no ──► X3DH against the peer's bundle,
@@ -36,7 +38,7 @@ use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    envelope::{self, Envelope, EnvelopeError},
+    envelope::{self, Envelope, EnvelopeError, PairEnvelopeKey},
     identity::{Identity, PublicIdentity},
     impl_wire,
     prekey::{PrekeySecrets, VerifiedBundle},
@@ -493,6 +495,56 @@ pub fn seal_message<R: CryptoRngCore + ?Sized>(
     Ok(envelope)
 }
 
+/// Encrypt `plaintext` with the record's current session and seal it in a pair envelope under
+/// `key`, routed by `routing_key` (the recipient's pair mailbox for the epoch of `now`). See
+/// [`envelope::seal_pair`]: for partners whose session is established (the recipient has
+/// written back), about 20 times cheaper than [`seal_message`].
+///
+/// Never starts a session: without one, [`SessionError::BundleRequired`]. On error `record` is
+/// unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn seal_pair_message<R: CryptoRngCore + ?Sized>(
+    record: &mut SessionRecord,
+    recipient: &PublicIdentity,
+    key: &PairEnvelopeKey,
+    routing_key: [u8; 32],
+    now: u64,
+    ttl: u32,
+    plaintext: &[u8],
+    rng: &mut R,
+) -> Result<Envelope, SessionError> {
+    if plaintext.len() > MAX_PLAINTEXT_BYTES {
+        return Err(SessionError::PlaintextTooLarge {
+            len: plaintext.len(),
+        });
+    }
+    if ttl > envelope::MAX_TTL_SECS {
+        return Err(EnvelopeError::TtlTooLong { ttl }.into());
+    }
+    let session = record
+        .current
+        .as_mut()
+        .ok_or_else(|| SessionError::BundleRequired {
+            peer: Box::new(*recipient),
+        })?;
+    // With the size and TTL checked, sealing cannot fail after encryption, so the session
+    // advances in place (as in `seal_message`).
+    let message = session.ratchet.encrypt(plaintext, rng)?;
+    let session_message = match session.pending_prekey {
+        Some(header) => SessionMessage::PreKey { header, message },
+        None => SessionMessage::Normal(message),
+    };
+    let payload = session_message.to_wire()?;
+    Ok(envelope::seal_pair(
+        key,
+        routing_key,
+        now,
+        ttl,
+        &payload,
+        rng,
+    )?)
+}
+
 /// When a replay-cache entry for a handshake on signed prekey `id` may expire (when the prekey's
 /// secret can no longer be used), or why the handshake must be refused: a current prekey past its
 /// deadline means rotation is overdue, and accepting it would need an entry kept for ever.
@@ -524,8 +576,45 @@ pub fn open_message(
     now: u64,
 ) -> Result<Received, SessionError> {
     let opened = envelope::open(me, envelope, now)?;
-    let sender = opened.sender;
-    let message = SessionMessage::from_wire(&opened.payload)?;
+    open_payload(
+        me,
+        prekeys,
+        replay,
+        record,
+        opened.sender,
+        &opened.payload,
+        now,
+    )
+}
+
+/// Open a pair envelope that `sender` sealed to `me` under `key` (see [`seal_pair_message`]),
+/// received at `now`, and decrypt the session message in it. Otherwise as [`open_message`]:
+/// `record` is asked for the sender's session record, and on error nothing changed.
+pub fn open_pair_message(
+    me: &Identity,
+    prekeys: &mut PrekeySecrets,
+    replay: &mut ReplayCache,
+    record: impl FnOnce(&PublicIdentity) -> Option<SessionRecord>,
+    sender: &PublicIdentity,
+    key: &PairEnvelopeKey,
+    envelope: &Envelope,
+    now: u64,
+) -> Result<Received, SessionError> {
+    let payload = envelope::open_pair(key, envelope, now)?;
+    open_payload(me, prekeys, replay, record, *sender, &payload, now)
+}
+
+/// Decrypt the session message `payload` that `sender` sent (its envelope is open).
+fn open_payload(
+    me: &Identity,
+    prekeys: &mut PrekeySecrets,
+    replay: &mut ReplayCache,
+    record: impl FnOnce(&PublicIdentity) -> Option<SessionRecord>,
+    sender: PublicIdentity,
+    payload: &[u8],
+    now: u64,
+) -> Result<Received, SessionError> {
+    let message = SessionMessage::from_wire(payload)?;
     let mut record = record(&sender).unwrap_or_default();
     let (plaintext, new_session) = match message {
         SessionMessage::Normal(m) => (record.decrypt_normal(&sender, &m, now)?, false),

@@ -5,11 +5,13 @@
 use std::collections::HashMap;
 
 use meshchat_protocol::{
+    addressing::pair_secret,
+    envelope::PairEnvelopeKey,
     envelope::{self, MAX_ENVELOPE_BYTES},
-    open_message,
+    open_message, open_pair_message,
     prekey::{PrekeyBundle, SIGNED_PREKEY_GRACE_SECS, SIGNED_PREKEY_VALIDITY_SECS},
     ratchet::MAX_SKIP,
-    seal_message,
+    seal_message, seal_pair_message,
     session::{MAX_PLAINTEXT_BYTES, MAX_PREVIOUS_SESSIONS},
     Envelope, EnvelopeError, Identity, PrekeySecrets, PublicIdentity, ReplayCache, SessionError,
     SessionMessage, SessionRecord, Wire, WireError,
@@ -125,6 +127,58 @@ impl Party {
         self.records
             .insert(got.sender, got.record.to_wire().expect("encodes"));
         Ok((got.sender, got.plaintext))
+    }
+
+    /// The key of pair envelopes to `recipient` during `epoch`, as this party derives it.
+    fn pair_key(&self, partner: &Party, recipient: &Party, epoch: u64) -> PairEnvelopeKey {
+        PairEnvelopeKey::derive(
+            &pair_secret(&self.id, &partner.public()),
+            &recipient.public(),
+            epoch,
+        )
+    }
+
+    /// Seal `text` to `to` in a pair envelope of epoch 7 (the session must exist).
+    fn send_pair(
+        &mut self,
+        to: &Party,
+        text: &[u8],
+        rng: &mut ChaCha20Rng,
+    ) -> Result<Envelope, SessionError> {
+        let mut record = self.record(&to.public());
+        let key = self.pair_key(to, to, 7);
+        let env = seal_pair_message(&mut record, &to.public(), &key, ROUTING, T0, TTL, text, rng)?;
+        self.records
+            .insert(to.public(), record.to_wire().expect("record encodes"));
+        Ok(env)
+    }
+
+    /// Open a pair envelope of epoch 7 from `from`; persist everything only if it succeeds.
+    fn receive_pair(&mut self, from: &Party, env: &Envelope) -> Result<Vec<u8>, SessionError> {
+        let env = Envelope::from_wire(&env.to_wire().expect("encodes")).expect("decodes");
+        let mut prekeys = PrekeySecrets::from_wire(&self.prekeys).expect("prekeys decode");
+        let mut replay = ReplayCache::from_wire(&self.replay).expect("cache decodes");
+        let key = self.pair_key(from, self, 7);
+        let records = &self.records;
+        let got = open_pair_message(
+            &self.id,
+            &mut prekeys,
+            &mut replay,
+            |peer| {
+                records
+                    .get(peer)
+                    .map(|b| SessionRecord::from_wire(b).expect("decodes"))
+            },
+            &from.public(),
+            &key,
+            &env,
+            T0 + 1,
+        )?;
+        self.prekeys = prekeys.to_wire().expect("encodes");
+        self.replay = replay.to_wire().expect("encodes");
+        self.records
+            .insert(got.sender, got.record.to_wire().expect("encodes"));
+        Ok(got.plaintext)
     }
 
     fn receive(&mut self, env: &Envelope) -> Result<Vec<u8>, SessionError> {
@@ -271,6 +325,70 @@ fn a_replayed_message_is_a_duplicate() {
     let before = b.persisted();
     assert_eq!(b.receive(&m), Err(SessionError::Duplicate { n: 0 }));
     assert_eq!(b.persisted(), before);
+}
+
+#[test]
+fn pair_envelopes_carry_an_established_conversation_interleaved_with_sealed_ones() {
+    let (mut a, mut b, mut r) = established(40);
+    for round in 0..4u8 {
+        let m = a.send_pair(&b, &[round, 1], &mut r).expect("seals");
+        assert_eq!(b.receive_pair(&a, &m).expect("b reads"), [round, 1]);
+        let m = b.send_pair(&a, &[round, 2], &mut r).expect("seals");
+        assert_eq!(a.receive_pair(&b, &m).expect("a reads"), [round, 2]);
+        // The sealed-sender path still works on the same session.
+        let m = a.send(&b, &[round, 3], &mut r);
+        assert_eq!(b.receive(&m).expect("b reads sealed"), [round, 3]);
+    }
+    assert_eq!(a.session_id(&b), b.session_id(&a));
+    // Out of order within the skip window.
+    let late = a.send_pair(&b, b"late", &mut r).expect("seals");
+    let early = a.send_pair(&b, b"early", &mut r).expect("seals");
+    assert_eq!(b.receive_pair(&a, &early).expect("reads"), b"early");
+    assert_eq!(b.receive_pair(&a, &late).expect("reads"), b"late");
+}
+
+#[test]
+fn a_pair_envelope_is_not_a_way_in_for_anyone_else() {
+    let (mut a, mut b, mut r) = established(41);
+    let m = a.send_pair(&b, b"once", &mut r).expect("seals");
+    b.receive_pair(&a, &m).expect("reads");
+    // Replayed: the ratchet has used that key.
+    let before = b.persisted();
+    assert!(matches!(
+        b.receive_pair(&a, &m),
+        Err(SessionError::Duplicate { .. })
+    ));
+    assert_eq!(b.persisted(), before);
+    // Carol shares a session with B, but cannot seal as A: B, taking it for A's (by its
+    // routing key), derives A's key and it does not open.
+    let mut carol = Party::new(&mut r);
+    let hello = carol.send(&b, b"hi", &mut r);
+    b.receive(&hello).expect("carol's first message");
+    let forged = carol.send_pair(&b, b"it's alice", &mut r).expect("seals");
+    assert_eq!(
+        b.receive_pair(&a, &forged),
+        Err(SessionError::Envelope(Box::new(
+            EnvelopeError::Undecryptable
+        )))
+    );
+    assert_eq!(
+        b.receive_pair(&carol, &forged).expect("as carol's"),
+        b"it's alice"
+    );
+    // A reflected envelope (B's own, sent back to B) does not open: the key has a direction.
+    let own = b.send_pair(&a, b"to alice", &mut r).expect("seals");
+    assert_eq!(
+        b.receive_pair(&a, &own),
+        Err(SessionError::Envelope(Box::new(
+            EnvelopeError::Undecryptable
+        )))
+    );
+    // Without a session there is nothing to seal with.
+    let (mut x, y, mut r) = setup(42);
+    assert!(matches!(
+        x.send_pair(&y, b"x", &mut r),
+        Err(SessionError::BundleRequired { .. })
+    ));
 }
 
 #[test]

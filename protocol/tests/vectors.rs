@@ -10,6 +10,7 @@ use meshchat_protocol::{
     content::{Content, MessageId},
     envelope::{self, Envelope},
     identity::{Identity, SafetyNumber, UserId},
+    mailbox::MailboxKeys,
     prekey::{PrekeyBundle, PrekeySecrets},
     records::{bundle_record_key, validate_record, Presence, PresenceKeys, PresencePeer},
     wire::Wire,
@@ -137,6 +138,28 @@ fn compute() -> Vec<(String, String)> {
         hex(&env.to_wire().expect("envelope encodes")),
     );
     put("envelope.id", hex(&env.id()));
+
+    // A pair envelope from Alice to Bob (established session), routed by Bob's pair mailbox.
+    let pair_key = envelope::PairEnvelopeKey::derive(&pair, &bob.public(), e);
+    put(
+        "pair_envelope_key(pair, bob, epoch)",
+        hex(pair_key.as_bytes()),
+    );
+    let route = MailboxKeys::derive(&pair, &bob.public(), e).id();
+    put("pair_mailbox_id(pair, bob, epoch)", hex(&route));
+    let env = envelope::seal_pair(
+        &pair_key,
+        route,
+        NOW,
+        envelope::DEFAULT_TTL_SECS,
+        &content_bytes,
+        &mut rng,
+    )
+    .expect("pair envelope seals");
+    put(
+        "pair_envelope(alice -> bob, content above).wire",
+        hex(&env.to_wire().expect("envelope encodes")),
+    );
     v
 }
 
@@ -243,4 +266,19 @@ fn documented_values_decode_verify_and_open() {
     assert_eq!(opened.sender, alice.public());
     let content = Content::decode(&opened.payload).expect("content");
     assert!(matches!(content, Content::Text { ref body, .. } if body == "hello, bob"));
+
+    // Bob derives the pair-envelope key from his side and opens Alice's pair envelope.
+    let env = Envelope::from_wire(&unhex(&get(
+        "pair_envelope(alice -> bob, content above).wire",
+    )))
+    .expect("pair envelope");
+    let pair = pair_secret(&bob, &alice.public());
+    let e = epoch(env.timestamp);
+    assert_eq!(
+        hex(&MailboxKeys::derive(&pair, &bob.public(), e).id()),
+        hex(&env.routing_key)
+    );
+    let key = envelope::PairEnvelopeKey::derive(&pair, &bob.public(), e);
+    let payload = envelope::open_pair(&key, &env, NOW).expect("bob opens it");
+    assert_eq!(payload, opened.payload);
 }
