@@ -13,6 +13,7 @@ mod keep_alive;
 pub mod mailbox;
 mod messaging;
 mod node;
+mod pair_keys;
 pub mod storage;
 
 pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};

@@ -64,6 +64,7 @@ use crate::{
     event_loop::{InboundEnvelope, LoopStopped, NetClient},
     mailbox::{self, service::Pushed},
     node::{NodeEvent, SendOutcome, SendReport},
+    pair_keys::PairKeys,
     storage::{
         Direction, IncomingOutcome, OutboxEntry, PendingWrite, Status, Storage, StoredMessage,
     },
@@ -105,8 +106,6 @@ const SEEN_RETENTION_MS: u64 = (meshchat_protocol::envelope::MAX_TTL_SECS as u64
 const INBOUND_PARALLEL: usize = 32;
 /// Above this many peer locks, the ones nobody holds are dropped.
 const PEER_LOCKS_PRUNE_AT: usize = 1024;
-/// Cached routing keys are all forgotten when there are more than this many.
-const ROUTING_CACHE_MAX: usize = 4096;
 /// Direct requests in flight to one peer at once; more wait for a slot. A connection accepts 32
 /// concurrent streams of the direct protocol (`Limits::max_direct_streams`), counting both
 /// directions, and drops inbound ones above that: sending more at once would have them dropped
@@ -244,32 +243,6 @@ impl DirectSlots {
     }
 }
 
-/// The pair mailbox our messages to each peer are routed by, for the epoch it was derived for.
-/// Deriving it costs a Diffie-Hellman and a key generation (about 70 µs), which every message
-/// paid before this cache. The mailbox id is no secret: it is on every envelope.
-#[derive(Debug, Default)]
-struct RoutingKeys {
-    map: StdMutex<HashMap<PublicIdentity, (u64, [u8; 32])>>,
-}
-
-impl RoutingKeys {
-    fn pair_mailbox(&self, identity: &Identity, to: &PublicIdentity, epoch: u64) -> [u8; 32] {
-        if let Some((e, id)) = lock(&self.map).get(to) {
-            if *e == epoch {
-                return *id;
-            }
-        }
-        let pair = pair_secret(identity, to);
-        let id = MailboxKeys::derive(&pair, to, epoch).id();
-        let mut map = lock(&self.map);
-        if map.len() >= ROUTING_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(*to, (epoch, id));
-        id
-    }
-}
-
 /// What processing an inbound envelope on `spawn_blocking` needs.
 #[derive(Debug, Clone)]
 struct OpenContext {
@@ -277,6 +250,7 @@ struct OpenContext {
     identity: Identity,
     peer_locks: Arc<PeerLocks>,
     prekey_lock: Arc<Mutex<()>>,
+    pair_keys: Arc<PairKeys>,
     groups: Option<crate::groups::store::ControlSink>,
 }
 
@@ -340,7 +314,8 @@ pub(crate) struct Messenger {
     peer_locks: Arc<PeerLocks>,
     /// Serialises changes of the prekey secrets and the replay cache.
     prekey_lock: Arc<Mutex<()>>,
-    routing_keys: Arc<RoutingKeys>,
+    /// Pair mailboxes and pair-envelope keys of our partners.
+    pair_keys: Arc<PairKeys>,
     direct_slots: DirectSlots,
     /// Sealing and opening (about 100 µs of curve arithmetic each) run on `spawn_blocking`
     /// threads; this bounds how many at once to the number of cores. Without it, dozens of
@@ -464,7 +439,7 @@ impl Messenger {
             send_timeout,
             peer_locks: Arc::default(),
             prekey_lock: Arc::default(),
-            routing_keys: Arc::default(),
+            pair_keys: Arc::default(),
             direct_slots: DirectSlots::default(),
             cpu_slots: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
@@ -573,7 +548,7 @@ impl Messenger {
         let guard = self.peer_locks.get(&to).lock_owned().await;
         let storage = self.storage.clone();
         let identity = self.identity.clone();
-        let routing = Arc::clone(&self.routing_keys);
+        let routing = Arc::clone(&self.pair_keys);
         let content = content.clone();
         blocking(move || {
             let mut record = load_session(&storage, &to)?;
@@ -715,7 +690,7 @@ impl Messenger {
         let slot = self.cpu_slot().await?;
         let storage = self.storage.clone();
         let identity = self.identity.clone();
-        let routing = Arc::clone(&self.routing_keys);
+        let routing = Arc::clone(&self.pair_keys);
         blocking(move || {
             let sealed = seal_and_commit(
                 &storage,
@@ -1364,7 +1339,7 @@ impl Messenger {
             let _guard = self.peer_locks.get(&peer).lock_owned().await;
             let storage = self.storage.clone();
             let identity = self.identity.clone();
-            let routing = Arc::clone(&self.routing_keys);
+            let routing = Arc::clone(&self.pair_keys);
             blocking(move || {
                 let mut record = load_session(&storage, &peer)?;
                 if !record.has_session() {
@@ -1481,6 +1456,7 @@ impl Messenger {
             identity: self.identity.clone(),
             peer_locks: Arc::clone(&self.peer_locks),
             prekey_lock: Arc::clone(&self.prekey_lock),
+            pair_keys: Arc::clone(&self.pair_keys),
             groups: self.group_sink.get().cloned(),
         };
         blocking(move || open_and_commit(&ctx, &envelope, now, slot)).await
@@ -1781,14 +1757,7 @@ fn watched_mailboxes(
     since: Option<u64>,
     now: u64,
 ) -> Result<Vec<(MailboxKeys, bool)>, NodeError> {
-    let mut peers: Vec<PublicIdentity> = storage
-        .contacts()?
-        .into_iter()
-        .map(|c| c.identity)
-        .collect();
-    peers.extend(storage.session_peers()?);
-    peers.sort();
-    peers.dedup();
+    let peers = partners(storage)?;
     let oldest = addressing::epoch(now.saturating_sub(u64::from(MAX_TTL_SECS)));
     let since = since.map_or(oldest, |t| {
         addressing::epoch(t.saturating_sub(MAX_CLOCK_SKEW_SECS))
@@ -1811,7 +1780,7 @@ fn watched_mailboxes(
 /// Seal `content` for `to` with the session in `record` (advancing it).
 fn seal_content(
     identity: &Identity,
-    routing: &RoutingKeys,
+    routing: &PairKeys,
     record: &mut SessionRecord,
     bundle: Option<&VerifiedBundle>,
     to: &PublicIdentity,
@@ -1821,25 +1790,49 @@ fn seal_content(
         reason: format!("cannot encode the message: {e}"),
     })?;
     let now = unix_now();
-    // Pair mailboxes only once the peer has written to us (so it knows us and watches them);
-    // before that, the first-contact mailbox it always watches.
-    let routing_key = if record.has_session() && !record.awaiting_reply() {
-        routing.pair_mailbox(identity, to, addressing::epoch(now))
+    // Pair mailboxes and pair envelopes only once the peer has written to us (so it knows us
+    // and watches them); before that, the first-contact mailbox it always watches, and sealed
+    // sender.
+    if record.has_session() && !record.awaiting_reply() {
+        let out = routing.outgoing(identity, to, addressing::epoch(now));
+        session::seal_pair_message(
+            record,
+            to,
+            &out.key,
+            out.routing_key,
+            now,
+            DEFAULT_TTL_SECS,
+            &plaintext,
+            &mut OsRng,
+        )
+        .map_err(crypto_err)
     } else {
-        addressing::first_contact_mailbox(to)
-    };
-    session::seal_message(
-        identity,
-        record,
-        bundle,
-        to,
-        routing_key,
-        now,
-        DEFAULT_TTL_SECS,
-        &plaintext,
-        &mut OsRng,
-    )
-    .map_err(crypto_err)
+        session::seal_message(
+            identity,
+            record,
+            bundle,
+            to,
+            addressing::first_contact_mailbox(to),
+            now,
+            DEFAULT_TTL_SECS,
+            &plaintext,
+            &mut OsRng,
+        )
+        .map_err(crypto_err)
+    }
+}
+
+/// Everyone we may share a pair mailbox with: contacts and peers we have a session with.
+fn partners(storage: &Storage) -> Result<Vec<PublicIdentity>, NodeError> {
+    let mut peers: Vec<PublicIdentity> = storage
+        .contacts()?
+        .into_iter()
+        .map(|c| c.identity)
+        .collect();
+    peers.extend(storage.session_peers()?);
+    peers.sort();
+    peers.dedup();
+    Ok(peers)
 }
 
 /// Seal a text message as message `id` and write session, message and outbox entry in one
@@ -1847,7 +1840,7 @@ fn seal_content(
 fn seal_and_commit(
     storage: &Storage,
     identity: &Identity,
-    routing: &RoutingKeys,
+    routing: &PairKeys,
     to: &PublicIdentity,
     id: [u8; 16],
     text: String,
@@ -1966,39 +1959,62 @@ fn try_open_and_commit(
     let mut load_error = None;
     let mut peer_guard: Option<OwnedMutexGuard<()>> = None;
     let mut seen_meanwhile = false;
-    let opened = session::open_message(
-        &ctx.identity,
-        &mut prekeys,
-        &mut replay,
-        |sender| {
-            // The envelope is open and its sender known: from here to the write, hold the
-            // sender's lock. The expensive part is done: give the CPU slot back first (it is
-            // never held while waiting for a peer's lock).
-            drop(cpu_slot.take());
-            peer_guard = Some(ctx.peer_locks.get(sender).blocking_lock_owned());
-            // Another copy of this envelope may have been committed while we opened it.
-            match storage.seen(&envelope_id) {
-                Ok(false) => {}
-                Ok(true) => {
-                    seen_meanwhile = true;
-                    return None;
-                }
-                Err(e) => {
-                    load_error = Some(e.into());
-                    return None;
-                }
+    let mut load_record = |sender: &PublicIdentity| {
+        // The envelope is open and its sender known: from here to the write, hold the
+        // sender's lock. The expensive part is done: give the CPU slot back first (it is
+        // never held while waiting for a peer's lock).
+        drop(cpu_slot.take());
+        peer_guard = Some(ctx.peer_locks.get(sender).blocking_lock_owned());
+        // Another copy of this envelope may have been committed while we opened it.
+        match storage.seen(&envelope_id) {
+            Ok(false) => {}
+            Ok(true) => {
+                seen_meanwhile = true;
+                return None;
             }
-            match load_session(storage, sender) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    load_error = Some(e);
-                    None
-                }
+            Err(e) => {
+                load_error = Some(e.into());
+                return None;
             }
-        },
-        envelope,
-        now,
-    );
+        }
+        match load_session(storage, sender) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                load_error = Some(e);
+                None
+            }
+        }
+    };
+    // Routed by a partner's pair mailbox: a pair envelope (no Diffie-Hellman). One that does
+    // not open that way may still be sealed sender (sealed before pair envelopes existed).
+    let pair = ctx
+        .pair_keys
+        .incoming(&ctx.identity, envelope, || partners(storage))?;
+    let mut opened = match &pair {
+        Some((sender, key)) => session::open_pair_message(
+            &ctx.identity,
+            &mut prekeys,
+            &mut replay,
+            &mut load_record,
+            sender,
+            key,
+            envelope,
+            now,
+        ),
+        None => Err(SessionError::Envelope(Box::new(
+            EnvelopeError::Undecryptable,
+        ))),
+    };
+    if matches!(&opened, Err(SessionError::Envelope(e)) if **e == EnvelopeError::Undecryptable) {
+        opened = session::open_message(
+            &ctx.identity,
+            &mut prekeys,
+            &mut replay,
+            &mut load_record,
+            envelope,
+            now,
+        );
+    }
     if let Some(e) = load_error {
         return Err(e);
     }

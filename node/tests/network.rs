@@ -17,13 +17,13 @@ use meshchat_node::{
     Node, NodeConfig, NodeEvent, NodeHandle, SendOutcome,
 };
 use meshchat_protocol::{
-    addressing::{epoch, first_contact_mailbox},
+    addressing::{epoch, first_contact_mailbox, pair_secret},
     content::{Content, MessageId},
-    envelope::Envelope,
+    envelope::{open_pair, Envelope, EnvelopeError, PairEnvelopeKey},
     records::{self, bundle_record_key},
     replay::ReplayCache,
-    session::{seal_message, SessionRecord},
-    Identity, PrekeySecrets, PublicIdentity, VerifiedBundle, Wire,
+    session::{seal_message, seal_pair_message, SessionRecord},
+    Identity, MailboxKeys, PrekeySecrets, PublicIdentity, VerifiedBundle, Wire,
 };
 use rand::rngs::OsRng;
 use tempfile::TempDir;
@@ -324,6 +324,13 @@ async fn an_unreachable_recipient_gets_the_message_from_the_outbox_later() {
         .await
         .expect("send");
     assert_eq!(first.outcome, SendOutcome::Delivered);
+    // B writes back, so A's later messages travel in pair envelopes by B's pair mailbox.
+    let reply = b
+        .handle
+        .send_text(a.identity.public(), "reply".into())
+        .await
+        .expect("send");
+    assert_eq!(reply.outcome, SendOutcome::Delivered);
 
     // B goes away; A's send times out and is queued durably.
     let b_home = b._home;
@@ -342,6 +349,22 @@ async fn an_unreachable_recipient_gets_the_message_from_the_outbox_later() {
     let outbox = a.handle.storage().outbox().expect("outbox");
     assert_eq!(outbox.len(), 1);
     assert_eq!(outbox[0].message_id, queued.message_id);
+    // What waits is a pair envelope: routed by B's pair mailbox of the day, and B's key for
+    // A's pair envelopes opens it (no sealed-sender Diffie-Hellman).
+    let queued_env = Envelope::from_wire(&outbox[0].envelope).expect("envelope");
+    let pair = pair_secret(&b_identity, &a.identity.public());
+    let day = epoch(queued_env.timestamp);
+    assert_eq!(
+        queued_env.routing_key,
+        MailboxKeys::derive(&pair, &b_identity.public(), day).id()
+    );
+    let key = PairEnvelopeKey::derive(&pair, &b_identity.public(), day);
+    assert!(open_pair(&key, &queued_env, now()).is_ok());
+    assert_eq!(
+        meshchat_protocol::envelope::open(&b_identity, &queued_env, now()),
+        Err(EnvelopeError::Undecryptable),
+        "not sealed sender"
+    );
 
     // B comes back on the same home (new address, same identity and peer key); the outbox
     // retry finds the new presence record and delivers the same envelope.
@@ -651,6 +674,140 @@ async fn hostile_direct_requests_are_rejected_and_real_messages_still_arrive() {
     for n in [&a, &b, &boot] {
         n.handle.shutdown().await;
     }
+}
+
+/// A text message's content with sequence number `seq`.
+fn text(seq: u64, body: &str) -> Vec<u8> {
+    Content::Text {
+        id: MessageId::random(&mut OsRng),
+        seq,
+        sent_at_ms: now() * 1000,
+        body: body.into(),
+    }
+    .encode()
+    .expect("content")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pair_envelopes_open_by_their_routing_key_and_older_sealed_ones_still_do() {
+    let (boot, _a, b) = mesh().await;
+    let mut b_events = b.handle.subscribe();
+    let b_peer = b.handle.peer_id();
+    let b_public = b.identity.public();
+    let mut raw = raw_swarm();
+    let send = |env: &Envelope| frame(&env.to_wire().expect("envelope encodes"));
+    let accepted = |raw: &[u8]| {
+        matches!(
+            parse_response(raw),
+            DirectResponse::Accepted {
+                duplicate: false,
+                ..
+            }
+        )
+    };
+
+    // Sam, a stranger, starts a session with B (sealed sender, first-contact mailbox).
+    let sam = Identity::generate(&mut OsRng);
+    let mut record = SessionRecord::new();
+    let t = now();
+    let first = seal_message(
+        &sam,
+        &mut record,
+        Some(&bundle_of(&b)),
+        &b_public,
+        first_contact_mailbox(&b_public),
+        t,
+        3600,
+        &text(1, "one"),
+        &mut OsRng,
+    )
+    .expect("seal");
+    let answer = raw_request(&mut raw, b_peer, &b.addr, send(&first))
+        .await
+        .expect("answer");
+    assert!(accepted(&answer), "{:?}", parse_response(&answer));
+    assert_eq!(next_message(&mut b_events).await.body, "one");
+
+    // A pair envelope by B's pair mailbox with Sam: B finds Sam by the routing key.
+    let pair = pair_secret(&sam, &b_public);
+    let route = MailboxKeys::derive(&pair, &b_public, epoch(t)).id();
+    let key = PairEnvelopeKey::derive(&pair, &b_public, epoch(t));
+    let second = seal_pair_message(
+        &mut record,
+        &b_public,
+        &key,
+        route,
+        t,
+        3600,
+        &text(2, "two"),
+        &mut OsRng,
+    )
+    .expect("seal");
+    let answer = raw_request(&mut raw, b_peer, &b.addr, send(&second))
+        .await
+        .expect("answer");
+    assert!(accepted(&answer), "{:?}", parse_response(&answer));
+    assert_eq!(next_message(&mut b_events).await.body, "two");
+
+    // Sealed sender by the same pair mailbox (as sent before pair envelopes): still opens.
+    let third = seal_message(
+        &sam,
+        &mut record,
+        None,
+        &b_public,
+        route,
+        t,
+        3600,
+        &text(3, "three"),
+        &mut OsRng,
+    )
+    .expect("seal");
+    let answer = raw_request(&mut raw, b_peer, &b.addr, send(&third))
+        .await
+        .expect("answer");
+    assert!(accepted(&answer), "{:?}", parse_response(&answer));
+    assert_eq!(next_message(&mut b_events).await.body, "three");
+
+    // Under the wrong key (the other direction's), by the right routing key: refused, and
+    // nothing is shown; B keeps serving.
+    let wrong = PairEnvelopeKey::derive(&pair, &sam.public(), epoch(t));
+    let mut copy = record.clone();
+    let forged = seal_pair_message(
+        &mut copy,
+        &b_public,
+        &wrong,
+        route,
+        t,
+        3600,
+        &text(4, "forged"),
+        &mut OsRng,
+    )
+    .expect("seal");
+    let answer = raw_request(&mut raw, b_peer, &b.addr, send(&forged))
+        .await
+        .expect("answer");
+    assert!(
+        matches!(parse_response(&answer), DirectResponse::Rejected { .. }),
+        "{:?}",
+        parse_response(&answer)
+    );
+    let fourth = seal_pair_message(
+        &mut record,
+        &b_public,
+        &key,
+        route,
+        t,
+        3600,
+        &text(4, "four"),
+        &mut OsRng,
+    )
+    .expect("seal");
+    let answer = raw_request(&mut raw, b_peer, &b.addr, send(&fourth))
+        .await
+        .expect("answer");
+    assert!(accepted(&answer), "{:?}", parse_response(&answer));
+    assert_eq!(next_message(&mut b_events).await.body, "four");
+    boot.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -590,6 +590,7 @@ pub fn open_message(
 /// Open a pair envelope that `sender` sealed to `me` under `key` (see [`seal_pair_message`]),
 /// received at `now`, and decrypt the session message in it. Otherwise as [`open_message`]:
 /// `record` is asked for the sender's session record, and on error nothing changed.
+#[allow(clippy::too_many_arguments)]
 pub fn open_pair_message(
     me: &Identity,
     prekeys: &mut PrekeySecrets,
