@@ -54,7 +54,7 @@ use tokio::{
     sync::{
         broadcast, mpsc, watch, Mutex, Notify, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore,
     },
-    task::JoinHandle,
+    task::{JoinHandle, JoinSet},
 };
 
 use crate::{
@@ -327,6 +327,9 @@ pub(crate) struct Messenger {
     publish_kick: Notify,
     outbox_kick: Notify,
     in_flight: StdMutex<HashSet<[u8; 16]>>,
+    /// Delivered marks still being written after `send_text` answered (waited for at
+    /// shutdown, see [`Messenger::finish_marks`]).
+    marks: StdMutex<JoinSet<()>>,
     wake_peers: StdMutex<HashSet<PublicIdentity>>,
     presence_cache: StdMutex<HashMap<PublicIdentity, (Instant, PeerAddrs)>>,
     published_contacts: StdMutex<Option<Vec<PublicIdentity>>>,
@@ -448,6 +451,7 @@ impl Messenger {
             publish_kick: Notify::new(),
             outbox_kick: Notify::new(),
             in_flight: StdMutex::new(HashSet::new()),
+            marks: StdMutex::new(JoinSet::new()),
             wake_peers: StdMutex::new(HashSet::new()),
             presence_cache: StdMutex::new(HashMap::new()),
             published_contacts: StdMutex::new(None),
@@ -592,6 +596,17 @@ impl Messenger {
         ]
     }
 
+    /// Wait (at most `limit`) for the delivered marks still being written, so that a node
+    /// that stops right after a send leaves the message marked delivered.
+    pub(crate) async fn finish_marks(&self, limit: Duration) {
+        let mut marks = std::mem::take(&mut *lock(&self.marks));
+        let drained =
+            tokio::time::timeout(limit, async { while marks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("delivered marks still unwritten at shutdown");
+        }
+    }
+
     fn emit(&self, event: NodeEvent) {
         // No subscriber is fine.
         let _ = self.events.send(event);
@@ -615,7 +630,7 @@ impl Messenger {
     // ------------------------------------------------------------------------------------
 
     pub(crate) async fn send_text(
-        &self,
+        self: &Arc<Self>,
         to: PublicIdentity,
         text: String,
     ) -> Result<SendReport, NodeError> {
@@ -645,6 +660,25 @@ impl Messenger {
         };
         debug_assert_eq!(message.id, id);
         let result = self.deliver_or_store(&to, &envelope, deadline).await;
+        if matches!(result, Ok(Delivered::Direct)) {
+            // The recipient has it durably: that is what the sender waits for. Marking it
+            // delivered here is not synced anyway (a crash that loses the mark brings back the
+            // outbox entry, whose resend is acknowledged as a duplicate), so it happens behind
+            // the answer, with the message kept away from the outbox loop until it is written.
+            let me = Arc::clone(self);
+            let mut marks = lock(&self.marks);
+            while marks.try_join_next().is_some() {}
+            marks.spawn(async move {
+                if let Err(e) = me.settle(&id, 0, Ok(Delivered::Direct)).await {
+                    tracing::warn!(error = %e, "marking a delivered message failed");
+                }
+                lock(&me.in_flight).remove(&id);
+            });
+            return Ok(SendReport {
+                message_id: id,
+                outcome: SendOutcome::Delivered,
+            });
+        }
         let outcome = self.settle(&id, 0, result).await;
         lock(&self.in_flight).remove(&id);
         Ok(SendReport {
@@ -1951,7 +1985,15 @@ fn try_open_and_commit(
     })?;
     let mut prekeys =
         PrekeySecrets::from_wire(&prekey_bytes).map_err(wire_err("prekey secrets"))?;
-    let replay_bytes = storage.replay_cache()?;
+    // The replay cache (up to 8,192 handshakes, ~590 KB) matters only to a message that
+    // starts a session, and those are processed again under the prekey lock (`exclusive`).
+    // Before that, an empty cache: nothing is a replay of it, so such a message either starts
+    // a session or fails on its prekeys, and either way comes back exclusively.
+    let replay_bytes = if exclusive {
+        storage.replay_cache()?
+    } else {
+        None
+    };
     let mut replay = match &replay_bytes {
         Some(b) => ReplayCache::from_wire(b).map_err(wire_err("replay cache"))?,
         None => ReplayCache::new(),
@@ -2362,7 +2404,12 @@ mod tests {
             assert_eq!(got.len(), N + 1, "every message stored once");
             let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
             assert_eq!(seqs, (1..=N as u64 + 1).collect::<Vec<_>>(), "in order");
-            assert!(from.handle.storage().outbox().expect("outbox").is_empty());
+            // Delivered marks are written just after `send_text` answers.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while !from.handle.storage().outbox().expect("outbox").is_empty() {
+                assert!(tokio::time::Instant::now() < deadline, "outbox not emptied");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 

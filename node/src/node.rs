@@ -33,6 +33,8 @@ use crate::{
 /// (`RecvError::Lagged`) and should re-read storage.
 pub(crate) const EVENT_CAPACITY: usize = 256;
 /// How long a clean shutdown may spend handing mailbox replicas to other peers.
+/// Longest wait at shutdown for delivered marks still being written.
+const MARKS_WAIT: Duration = Duration::from_secs(2);
 const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `start` waits for the listeners to report their addresses.
 const LISTEN_WAIT: Duration = Duration::from_secs(3);
@@ -551,6 +553,7 @@ impl NodeHandle {
     /// Stop everything but the control socket (so a control client asking for the shutdown
     /// still gets its answer).
     async fn stop_tasks(&self) {
+        self.inner.messenger.finish_marks(MARKS_WAIT).await;
         // A replica leaving cleanly hands its mail to the closest peers first.
         if !*self.inner.shutdown.borrow() && self.inner.service.store().totals().0 > 0 {
             let handed =
