@@ -182,6 +182,8 @@ struct Processed {
     new_message: Option<StoredMessage>,
     status_changes: Vec<StoredMessage>,
     prekeys_changed: bool,
+    /// The commit that must be on disk before the response is sent, if not yet known to be.
+    not_yet_durable: Option<PendingWrite>,
 }
 
 impl Processed {
@@ -192,6 +194,7 @@ impl Processed {
             new_message: None,
             status_changes: Vec::new(),
             prekeys_changed: false,
+            not_yet_durable: None,
         }
     }
 
@@ -725,7 +728,7 @@ impl Messenger {
         let storage = self.storage.clone();
         let identity = self.identity.clone();
         let routing = Arc::clone(&self.pair_keys);
-        blocking(move || {
+        let sealed = blocking(move || {
             let sealed = seal_and_commit(
                 &storage,
                 &identity,
@@ -740,13 +743,22 @@ impl Messenger {
             drop(slot);
             match sealed? {
                 Sealed::Committed(message, envelope, pending) => {
-                    storage.wait_durable(pending)?;
-                    Ok(Ok((message, envelope)))
+                    let pending = storage.sync_unless_busy(pending)?;
+                    Ok(Ok((message, envelope, pending)))
                 }
                 Sealed::NeedsBundle(text) => Ok(Err(text)),
             }
         })
-        .await
+        .await?;
+        match sealed {
+            Ok((message, envelope, pending)) => {
+                if let Some(pending) = pending {
+                    self.storage.durable(pending).await?;
+                }
+                Ok(Ok((message, envelope)))
+            }
+            Err(text) => Ok(Err(text)),
+        }
     }
 
     /// Record the result of a delivery attempt of our message `id` (after `attempts` earlier
@@ -1493,7 +1505,11 @@ impl Messenger {
             pair_keys: Arc::clone(&self.pair_keys),
             groups: self.group_sink.get().cloned(),
         };
-        blocking(move || open_and_commit(&ctx, &envelope, now, slot)).await
+        let mut processed = blocking(move || open_and_commit(&ctx, &envelope, now, slot)).await?;
+        if let Some(pending) = processed.not_yet_durable.take() {
+            self.storage.durable(pending).await?;
+        }
+        Ok(processed)
     }
 
     /// A slot for CPU-heavy work (sealing, opening); see `cpu_slots`.
@@ -2144,15 +2160,18 @@ fn try_open_and_commit(
         replay_changed.then_some(new_replay.as_slice()),
         message.as_ref(),
     )?;
-    // The next envelope from this sender is decrypted while this one waits for the disk.
+    // The next envelope from this sender is decrypted while this one waits for the disk. If
+    // another sync is running, the wait is left to the async caller (`process_inbound`), which
+    // answers only once the commit is durable.
     drop(peer_guard);
-    storage.wait_durable(pending)?;
+    let not_yet_durable = storage.sync_unless_busy(pending)?;
     let mut processed = Processed {
         response: accepted(false),
         sender: Some(sender),
         new_message: None,
         status_changes: Vec::new(),
         prekeys_changed,
+        not_yet_durable,
     };
     match outcome {
         IncomingOutcome::New { .. } => processed.new_message = message,

@@ -263,6 +263,10 @@ pub enum StorageError {
     /// The caller passed values that contradict each other (a bug in the caller).
     #[error("inconsistent arguments: {0}")]
     Inconsistent(&'static str),
+    /// A sync of the write-ahead log did not finish (its task was cancelled or panicked, or
+    /// the storage is closing): the write is not known to be durable.
+    #[error("the sync of the write-ahead log was interrupted")]
+    SyncInterrupted,
 }
 
 fn pid_hint(pid: Option<u32>) -> String {
@@ -308,7 +312,7 @@ impl StorageError {
             | Self::Encode { .. }
             | Self::Inconsistent(_) => StorageErrorKind::InvalidInput,
             Self::Corrupt { .. } => StorageErrorKind::Corrupt,
-            Self::Io { .. } | Self::Db { .. } => StorageErrorKind::Internal,
+            Self::Io { .. } | Self::Db { .. } | Self::SyncInterrupted => StorageErrorKind::Internal,
         }
     }
 }
@@ -651,6 +655,20 @@ struct Inner {
     sync: Mutex<SyncState>,
     /// Signalled whenever a sync of the write-ahead log ends.
     synced: Condvar,
+    /// The same for async waiters ([`Storage::durable`]): the synced count after each
+    /// sync (sent also when a sync failed, so waiters look again).
+    synced_tx: tokio::sync::watch::Sender<u64>,
+}
+
+/// Where a pending write stands ([`Storage::durability`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// It is on disk.
+    Durable,
+    /// A sync is running (it may or may not cover the write): wait for its end.
+    Syncing,
+    /// No sync is running: someone must start one ([`Storage::wait_durable`]).
+    Idle,
 }
 
 /// Group-commit bookkeeping ([`Storage::wait_durable`]). Batches are numbered in the order their
@@ -753,6 +771,7 @@ impl Storage {
                 write_lock: Mutex::new(()),
                 sync: Mutex::new(SyncState::default()),
                 synced: Condvar::new(),
+                synced_tx: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -961,7 +980,59 @@ impl Storage {
                 state.syncs += 1;
             }
             self.inner.synced.notify_all();
+            self.inner.synced_tx.send_replace(state.synced);
             result.map_err(db_err("syncing the write-ahead log"))?;
+        }
+    }
+
+    /// [`Storage::wait_durable`] when no sync is running (this thread syncs); otherwise return
+    /// at once with `Some(pending)`, to be awaited without holding a thread (see
+    /// [`Storage::durable`]). Under load, the writers of a group commit then do not each park
+    /// a thread on the condition variable until the running sync ends.
+    pub fn sync_unless_busy(
+        &self,
+        pending: PendingWrite,
+    ) -> Result<Option<PendingWrite>, StorageError> {
+        match self.durability(pending) {
+            Durability::Durable => Ok(None),
+            Durability::Syncing => Ok(Some(pending)),
+            Durability::Idle => self.wait_durable(pending).map(|()| None),
+        }
+    }
+
+    /// Where `pending` stands now.
+    pub fn durability(&self, pending: PendingWrite) -> Durability {
+        let state = self.sync_state();
+        if state.synced >= pending.0 {
+            Durability::Durable
+        } else if state.syncing {
+            Durability::Syncing
+        } else {
+            Durability::Idle
+        }
+    }
+
+    /// Resolve once `pending` is on disk: wait for a running sync without holding a thread (on
+    /// a channel that changes at the end of every sync), and if none is running, sync on the
+    /// blocking pool. The async counterpart of [`Storage::wait_durable`], for the writes
+    /// [`Storage::sync_unless_busy`] handed back.
+    pub async fn durable(&self, pending: PendingWrite) -> Result<(), StorageError> {
+        // Subscribed before looking, so the end of the sync seen running is not missed.
+        let mut synced = self.inner.synced_tx.subscribe();
+        loop {
+            match self.durability(pending) {
+                Durability::Durable => return Ok(()),
+                Durability::Syncing => synced
+                    .changed()
+                    .await
+                    .map_err(|_| StorageError::SyncInterrupted)?,
+                Durability::Idle => {
+                    let storage = self.clone();
+                    return tokio::task::spawn_blocking(move || storage.wait_durable(pending))
+                        .await
+                        .map_err(|_| StorageError::SyncInterrupted)?;
+                }
+            }
         }
     }
 

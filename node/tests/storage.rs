@@ -544,3 +544,63 @@ fn corrupted_values_are_typed_errors_not_panics() {
     // Undamaged data is still readable.
     assert_eq!(s.session(&b).expect("reads").as_deref(), Some(&b"s"[..]));
 }
+
+/// Group commit without a parked thread per writer: a writer either syncs (no sync running) or is
+/// told to wait for the running one; every write ends durable, and the syncs are shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_that_find_a_sync_running_wait_for_it_and_every_write_ends_durable() {
+    use meshchat_node::storage::Durability;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    let to = peer(2);
+    // Alone: no sync is running, so the writer syncs itself.
+    let (_, pending) = s
+        .commit_outgoing_pending(&to, b"session", &outgoing(&to, 1, 1, "one"), b"env", 2)
+        .expect("commit");
+    assert_eq!(s.durability(pending), Durability::Idle);
+    assert_eq!(s.sync_unless_busy(pending).expect("sync"), None);
+    assert_eq!(s.durability(pending), Durability::Durable);
+
+    // 64 writers at once from the blocking pool: those that find a sync running are handed back
+    // their write, and await it (`durable`: the end of the running sync, or a sync of their own
+    // once nobody syncs).
+    let mut tasks = Vec::new();
+    for i in 0..64u8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let (pending, deferred) = tokio::task::spawn_blocking({
+                let s = s.clone();
+                move || {
+                    let m = outgoing(&to, 10 + i, 10 + u64::from(i), "burst");
+                    let (_, pending) = s
+                        .commit_outgoing_pending(&to, b"session", &m, b"env", 0)
+                        .expect("commit");
+                    (pending, s.sync_unless_busy(pending).expect("sync"))
+                }
+            })
+            .await
+            .expect("blocking task");
+            if let Some(pending) = deferred {
+                s.durable(pending).await.expect("durable");
+            }
+            assert_eq!(s.durability(pending), Durability::Durable);
+            deferred.is_some()
+        }));
+    }
+    let mut deferred = 0;
+    for t in tasks {
+        deferred += usize::from(t.await.expect("writer"));
+    }
+    // Whether any writer found a sync running depends on timing; that all ended durable does
+    // not. Reopening shows every message.
+    println!("{deferred} of 64 writers waited for a running sync");
+    drop(s);
+    let s = open(&dir);
+    let all = s
+        .messages(&MessageFilter {
+            peer: Some(to),
+            ..MessageFilter::default()
+        })
+        .expect("messages");
+    assert_eq!(all.len(), 65);
+}
