@@ -377,28 +377,13 @@ fn encrypt_inner(
     let bucket = bucket_for(inner.payload.len()).ok_or(EnvelopeError::TooLarge {
         len: inner.payload.len(),
     })?;
-    let padded_len = bucket + PAD_OVERHEAD;
-    let mut padded = Zeroizing::new(Vec::with_capacity(padded_len + TAG_BYTES));
-    let inner_len =
-        u32::try_from(inner_bytes.len()).expect("invariant: the inner encoding is below 64 KiB");
-    padded.extend_from_slice(&inner_len.to_le_bytes());
-    padded.extend_from_slice(&inner_bytes);
-    padded.resize(padded_len, 0);
-
     let r_pub = recipient.x25519_public();
     let ephemeral = x25519_dalek::PublicKey::from(e_secret).to_bytes();
     let dh = e_secret.diffie_hellman(&r_pub);
     let k = envelope_key(&ephemeral, r_pub.as_bytes(), dh.as_bytes());
     let ad = header_bytes(&routing_key, timestamp, ttl, &ephemeral);
-    let ciphertext = ChaCha20Poly1305::new(Key::from_slice(k.as_ref()))
-        .encrypt(
-            Nonce::from_slice(&[0u8; 12]),
-            Payload {
-                msg: &padded,
-                aad: &ad,
-            },
-        )
-        .map_err(|_| EnvelopeError::TooLarge {
+    let ciphertext =
+        pad_and_encrypt(&k, &inner_bytes, bucket, &ad).ok_or(EnvelopeError::TooLarge {
             len: inner.payload.len(),
         })?;
     Ok(Envelope {
@@ -410,6 +395,63 @@ fn encrypt_inner(
     })
 }
 
+/// `u32_le(len(content)) || content || zeros`, exactly `bucket + PAD_OVERHEAD` bytes, encrypted
+/// under the one-time key `k` with a zero nonce and `ad` as associated data. `None` if `content`
+/// does not fit (never for the callers, which chose `bucket` for it).
+fn pad_and_encrypt(k: &[u8; 32], content: &[u8], bucket: usize, ad: &[u8]) -> Option<Vec<u8>> {
+    let padded_len = bucket + PAD_OVERHEAD;
+    if content.len() + PAD_PREFIX_BYTES > padded_len {
+        return None;
+    }
+    let mut padded = Zeroizing::new(Vec::with_capacity(padded_len + TAG_BYTES));
+    let len = u32::try_from(content.len()).ok()?;
+    padded.extend_from_slice(&len.to_le_bytes());
+    padded.extend_from_slice(content);
+    padded.resize(padded_len, 0);
+    ChaCha20Poly1305::new(Key::from_slice(k))
+        .encrypt(
+            Nonce::from_slice(&[0u8; 12]),
+            Payload {
+                msg: &padded,
+                aad: ad,
+            },
+        )
+        .ok()
+}
+
+/// Decrypt `env`'s ciphertext under its one-time key `k` (its visible fields authenticated) and
+/// return the padded plaintext.
+fn decrypt_padded(k: &[u8; 32], env: &Envelope) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    Ok(Zeroizing::new(
+        ChaCha20Poly1305::new(Key::from_slice(k))
+            .decrypt(
+                Nonce::from_slice(&[0u8; 12]),
+                Payload {
+                    msg: &env.ciphertext,
+                    aad: &env.associated_data(),
+                },
+            )
+            .map_err(|_| EnvelopeError::Undecryptable)?,
+    ))
+}
+
+/// The content of a padded plaintext `u32_le(len) || content || zeros`: the length must fit
+/// and every padding byte must be zero.
+fn unpad(padded: &[u8]) -> Result<&[u8], EnvelopeError> {
+    let (prefix, rest) = padded
+        .split_at_checked(PAD_PREFIX_BYTES)
+        .ok_or(EnvelopeError::BadPadding)?;
+    let len = u32::from_le_bytes(prefix.try_into().map_err(|_| EnvelopeError::BadPadding)?);
+    let len = usize::try_from(len).map_err(|_| EnvelopeError::BadPadding)?;
+    let (content, padding) = rest
+        .split_at_checked(len)
+        .ok_or(EnvelopeError::BadPadding)?;
+    if padding.iter().any(|b| *b != 0) {
+        return Err(EnvelopeError::BadPadding);
+    }
+    Ok(content)
+}
+
 /// Decrypt and unpad an envelope addressed to `recipient` (no time checks, no signature check).
 fn decrypt_inner(recipient: &Identity, env: &Envelope) -> Result<SealedInner, EnvelopeError> {
     let e_pub = x25519_dalek::PublicKey::from(env.ephemeral);
@@ -419,28 +461,8 @@ fn decrypt_inner(recipient: &Identity, env: &Envelope) -> Result<SealedInner, En
     }
     let r_pub = recipient.x25519_public();
     let k = envelope_key(&env.ephemeral, r_pub.as_bytes(), dh.as_bytes());
-    let padded = Zeroizing::new(
-        ChaCha20Poly1305::new(Key::from_slice(k.as_ref()))
-            .decrypt(
-                Nonce::from_slice(&[0u8; 12]),
-                Payload {
-                    msg: &env.ciphertext,
-                    aad: &env.associated_data(),
-                },
-            )
-            .map_err(|_| EnvelopeError::Undecryptable)?,
-    );
-    let (prefix, rest) = padded
-        .split_at_checked(PAD_PREFIX_BYTES)
-        .ok_or(EnvelopeError::BadPadding)?;
-    let len = u32::from_le_bytes(prefix.try_into().map_err(|_| EnvelopeError::BadPadding)?);
-    let len = usize::try_from(len).map_err(|_| EnvelopeError::BadPadding)?;
-    let (inner, padding) = rest
-        .split_at_checked(len)
-        .ok_or(EnvelopeError::BadPadding)?;
-    if padding.iter().any(|b| *b != 0) {
-        return Err(EnvelopeError::BadPadding);
-    }
+    let padded = decrypt_padded(&k, env)?;
+    let inner = unpad(&padded)?;
     Ok(SealedInner::from_wire(inner)?)
 }
 
@@ -556,23 +578,10 @@ pub fn seal_pair<R: CryptoRngCore + ?Sized>(
     let mut nonce = [0u8; 32];
     rng.fill_bytes(&mut nonce);
     nonce[31] &= 0x7f;
-    let padded_len = bucket + PAD_OVERHEAD;
-    let mut padded = Zeroizing::new(Vec::with_capacity(padded_len + TAG_BYTES));
-    let len = u32::try_from(payload.len()).expect("invariant: the payload is below 64 KiB");
-    padded.extend_from_slice(&len.to_le_bytes());
-    padded.extend_from_slice(payload);
-    padded.resize(padded_len, 0);
     let k = key.envelope_key(&nonce);
     let ad = header_bytes(&routing_key, timestamp, ttl, &nonce);
-    let ciphertext = ChaCha20Poly1305::new(Key::from_slice(k.as_ref()))
-        .encrypt(
-            Nonce::from_slice(&[0u8; 12]),
-            Payload {
-                msg: &padded,
-                aad: &ad,
-            },
-        )
-        .map_err(|_| EnvelopeError::TooLarge { len: payload.len() })?;
+    let ciphertext = pad_and_encrypt(&k, payload, bucket, &ad)
+        .ok_or(EnvelopeError::TooLarge { len: payload.len() })?;
     Ok(Envelope {
         routing_key,
         timestamp,
@@ -593,29 +602,9 @@ pub fn open_pair(
 ) -> Result<Vec<u8>, EnvelopeError> {
     env.check(now)?;
     let k = key.envelope_key(&env.ephemeral);
-    let padded = Zeroizing::new(
-        ChaCha20Poly1305::new(Key::from_slice(k.as_ref()))
-            .decrypt(
-                Nonce::from_slice(&[0u8; 12]),
-                Payload {
-                    msg: &env.ciphertext,
-                    aad: &env.associated_data(),
-                },
-            )
-            .map_err(|_| EnvelopeError::Undecryptable)?,
-    );
-    let (prefix, rest) = padded
-        .split_at_checked(PAD_PREFIX_BYTES)
-        .ok_or(EnvelopeError::BadPadding)?;
-    let len = u32::from_le_bytes(prefix.try_into().map_err(|_| EnvelopeError::BadPadding)?);
-    let len = usize::try_from(len).map_err(|_| EnvelopeError::BadPadding)?;
-    if len > MAX_PAYLOAD_BYTES {
-        return Err(EnvelopeError::BadPadding);
-    }
-    let (payload, padding) = rest
-        .split_at_checked(len)
-        .ok_or(EnvelopeError::BadPadding)?;
-    if padding.iter().any(|b| *b != 0) {
+    let padded = decrypt_padded(&k, env)?;
+    let payload = unpad(&padded)?;
+    if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(EnvelopeError::BadPadding);
     }
     Ok(payload.to_vec())

@@ -419,6 +419,34 @@ impl fmt::Debug for Received {
     }
 }
 
+/// The checks made before any state advances: the plaintext size and the TTL.
+fn check_sealable(plaintext: &[u8], ttl: u32) -> Result<(), SessionError> {
+    if plaintext.len() > MAX_PLAINTEXT_BYTES {
+        return Err(SessionError::PlaintextTooLarge {
+            len: plaintext.len(),
+        });
+    }
+    if ttl > envelope::MAX_TTL_SECS {
+        return Err(EnvelopeError::TtlTooLong { ttl }.into());
+    }
+    Ok(())
+}
+
+/// Encrypt `plaintext` with `session` (advancing it) and encode the session message: `PreKey`
+/// while the handshake header is pending, `Normal` after.
+fn encrypt_payload<R: CryptoRngCore + ?Sized>(
+    session: &mut Session,
+    plaintext: &[u8],
+    rng: &mut R,
+) -> Result<Vec<u8>, SessionError> {
+    let message = session.ratchet.encrypt(plaintext, rng)?;
+    let session_message = match session.pending_prekey {
+        Some(header) => SessionMessage::PreKey { header, message },
+        None => SessionMessage::Normal(message),
+    };
+    Ok(session_message.to_wire()?)
+}
+
 /// Encrypt `plaintext` for `recipient` and seal it in an envelope routed by `routing_key`.
 ///
 /// Uses the record's current session, or, when there is none, runs the handshake against
@@ -436,14 +464,7 @@ pub fn seal_message<R: CryptoRngCore + ?Sized>(
     plaintext: &[u8],
     rng: &mut R,
 ) -> Result<Envelope, SessionError> {
-    if plaintext.len() > MAX_PLAINTEXT_BYTES {
-        return Err(SessionError::PlaintextTooLarge {
-            len: plaintext.len(),
-        });
-    }
-    if ttl > envelope::MAX_TTL_SECS {
-        return Err(EnvelopeError::TtlTooLong { ttl }.into());
-    }
+    check_sealable(plaintext, ttl)?;
     // A new session is built on the side and installed only once the envelope is sealed.
     let mut fresh = None;
     if record.current.is_none() {
@@ -482,12 +503,7 @@ pub fn seal_message<R: CryptoRngCore + ?Sized>(
                 peer: Box::new(*recipient),
             })?,
     };
-    let message = session.ratchet.encrypt(plaintext, rng)?;
-    let session_message = match session.pending_prekey {
-        Some(header) => SessionMessage::PreKey { header, message },
-        None => SessionMessage::Normal(message),
-    };
-    let payload = session_message.to_wire()?;
+    let payload = encrypt_payload(session, plaintext, rng)?;
     let envelope = envelope::seal(me, recipient, routing_key, now, ttl, &payload, rng)?;
     if let Some(s) = fresh {
         record.install(s);
@@ -513,14 +529,7 @@ pub fn seal_pair_message<R: CryptoRngCore + ?Sized>(
     plaintext: &[u8],
     rng: &mut R,
 ) -> Result<Envelope, SessionError> {
-    if plaintext.len() > MAX_PLAINTEXT_BYTES {
-        return Err(SessionError::PlaintextTooLarge {
-            len: plaintext.len(),
-        });
-    }
-    if ttl > envelope::MAX_TTL_SECS {
-        return Err(EnvelopeError::TtlTooLong { ttl }.into());
-    }
+    check_sealable(plaintext, ttl)?;
     let session = record
         .current
         .as_mut()
@@ -529,12 +538,7 @@ pub fn seal_pair_message<R: CryptoRngCore + ?Sized>(
         })?;
     // With the size and TTL checked, sealing cannot fail after encryption, so the session
     // advances in place (as in `seal_message`).
-    let message = session.ratchet.encrypt(plaintext, rng)?;
-    let session_message = match session.pending_prekey {
-        Some(header) => SessionMessage::PreKey { header, message },
-        None => SessionMessage::Normal(message),
-    };
-    let payload = session_message.to_wire()?;
+    let payload = encrypt_payload(session, plaintext, rng)?;
     Ok(envelope::seal_pair(
         key,
         routing_key,
