@@ -807,8 +807,14 @@ mod tests {
             recipient.x25519_public().as_bytes(),
             dh.as_bytes(),
         );
+        raw_envelope(&k, ephemeral, padded)
+    }
+
+    /// An envelope whose ciphertext is `padded` as it is, encrypted under the one-time key `k`,
+    /// with the test header (routing key 7s, `NOW`, `TTL`) and `ephemeral`.
+    fn raw_envelope(k: &[u8; 32], ephemeral: [u8; 32], padded: &[u8]) -> Envelope {
         let ad = header_bytes(&[7; 32], NOW, TTL, &ephemeral);
-        let ciphertext = ChaCha20Poly1305::new(Key::from_slice(k.as_ref()))
+        let ciphertext = ChaCha20Poly1305::new(Key::from_slice(k))
             .encrypt(
                 Nonce::from_slice(&[0; 12]),
                 Payload {
@@ -1071,24 +1077,7 @@ mod tests {
     /// Encrypt arbitrary padded bytes under a pair key (for padding tests).
     fn pair_raw(key: &PairEnvelopeKey, padded: &[u8]) -> Envelope {
         let nonce = [5u8; 32];
-        let k = key.envelope_key(&nonce);
-        let ad = header_bytes(&[7; 32], NOW, TTL, &nonce);
-        let ciphertext = ChaCha20Poly1305::new(Key::from_slice(k.as_ref()))
-            .encrypt(
-                Nonce::from_slice(&[0; 12]),
-                Payload {
-                    msg: padded,
-                    aad: &ad,
-                },
-            )
-            .expect("encrypts");
-        Envelope {
-            routing_key: [7; 32],
-            timestamp: NOW,
-            ttl: TTL,
-            ephemeral: nonce,
-            ciphertext,
-        }
+        raw_envelope(&key.envelope_key(&nonce), nonce, padded)
     }
 
     #[test]
