@@ -1857,7 +1857,8 @@ fn seal_content(
         )
         .map_err(crypto_err)
     } else {
-        session::seal_message(
+        let starts_session = !record.has_session();
+        let sealed = session::seal_message(
             identity,
             record,
             bundle,
@@ -1868,7 +1869,12 @@ fn seal_content(
             &plaintext,
             &mut OsRng,
         )
-        .map_err(crypto_err)
+        .map_err(crypto_err)?;
+        if starts_session {
+            // A new partner: its pair envelopes must be recognised once it writes back.
+            routing.partners_changed();
+        }
+        Ok(sealed)
     }
 }
 
@@ -2043,36 +2049,38 @@ fn try_open_and_commit(
             }
         }
     };
-    // Routed by a partner's pair mailbox: a pair envelope (no Diffie-Hellman). One that does
-    // not open that way may still be sealed sender (sealed before pair envelopes existed).
+    // Routed by a partner's pair mailbox: a pair envelope (no Diffie-Hellman).
     let pair = ctx
         .pair_keys
         .incoming(&ctx.identity, envelope, || partners(storage))?;
-    let mut opened = match &pair {
-        Some((sender, key)) => session::open_pair_message(
+    let as_pair = pair.map(|(sender, key)| {
+        session::open_pair_message(
             &ctx.identity,
             &mut prekeys,
             &mut replay,
             &mut load_record,
-            sender,
-            key,
+            &sender,
+            &key,
             envelope,
             now,
-        ),
-        None => Err(SessionError::Envelope(Box::new(
-            EnvelopeError::Undecryptable,
-        ))),
+        )
+    });
+    let opened = match as_pair {
+        Some(Err(SessionError::Envelope(e))) if *e == EnvelopeError::Undecryptable => None,
+        other => other,
     };
-    if matches!(&opened, Err(SessionError::Envelope(e)) if **e == EnvelopeError::Undecryptable) {
-        opened = session::open_message(
+    // Not routed by a pair mailbox, or not sealed as a pair envelope (mail sealed before pair
+    // envelopes existed): sealed sender.
+    let opened = opened.unwrap_or_else(|| {
+        session::open_message(
             &ctx.identity,
             &mut prekeys,
             &mut replay,
             &mut load_record,
             envelope,
             now,
-        );
-    }
+        )
+    });
     if let Some(e) = load_error {
         return Err(e);
     }
@@ -2091,6 +2099,7 @@ fn try_open_and_commit(
         }
     };
     let sender = received.sender;
+    let new_session = received.new_session;
     // `open_message` changes the prekeys and the replay cache only when it starts a session,
     // which happens only under the prekey lock; there, compare the bytes to be sure.
     let (prekeys_changed, new_prekeys, replay_changed, new_replay) = if exclusive {
@@ -2160,6 +2169,10 @@ fn try_open_and_commit(
         replay_changed.then_some(new_replay.as_slice()),
         message.as_ref(),
     )?;
+    if new_session {
+        // A new partner (or a new session with one): recognise its pair envelopes.
+        ctx.pair_keys.partners_changed();
+    }
     // The next envelope from this sender is decrypted while this one waits for the disk. If
     // another sync is running, the wait is left to the async caller (`process_inbound`), which
     // answers only once the commit is durable.

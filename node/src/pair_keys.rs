@@ -47,6 +47,11 @@ struct Inner {
     secrets: HashMap<PublicIdentity, PairSecret>,
     outgoing: HashMap<PublicIdentity, (u64, Outgoing)>,
     incoming: BTreeMap<u64, EpochIndex>,
+    /// Our partners as last read from storage; `None` until read, and again after
+    /// [`PairKeys::partners_changed`].
+    partners: Option<Vec<PublicIdentity>>,
+    /// Counts [`PairKeys::partners_changed`] calls, so a list read across one is not kept.
+    changes: u64,
 }
 
 /// The cache (shared by the send and receive paths; all methods are quick once warm, and run on
@@ -95,9 +100,18 @@ impl PairKeys {
         out
     }
 
-    /// If `envelope` is routed by the pair mailbox of one of `partners` (ours, for the epoch of
-    /// its timestamp), that partner and the key to open it with. `partners` is asked only when
-    /// the routing key is not known yet (a partner may be new since the last look).
+    /// The set of partners may have grown (a session with a new peer was created): the next
+    /// unknown routing key makes [`PairKeys::incoming`] read it again.
+    pub(crate) fn partners_changed(&self) {
+        let mut inner = self.lock();
+        inner.partners = None;
+        inner.changes += 1;
+    }
+
+    /// If `envelope` is routed by the pair mailbox of one of our partners (for the epoch of its
+    /// timestamp), that partner and the key to open it with. `partners` reads them from storage;
+    /// it is asked only for an unknown routing key, and only once until
+    /// [`PairKeys::partners_changed`], so envelopes with made-up routing keys cost no I/O.
     pub(crate) fn incoming(
         &self,
         me: &Identity,
@@ -121,7 +135,21 @@ impl PairKeys {
         if envelope.routing_key == addressing::first_contact_mailbox(&me.public()) {
             return Ok(None);
         }
-        let partners = partners()?;
+        let (cached, changes) = {
+            let inner = self.lock();
+            (inner.partners.clone(), inner.changes)
+        };
+        let partners = match cached {
+            Some(list) => list,
+            None => {
+                let list = partners()?;
+                let mut inner = self.lock();
+                if inner.changes == changes {
+                    inner.partners = Some(list.clone());
+                }
+                list
+            }
+        };
         let mut inner = self.lock();
         let missing: Vec<PublicIdentity> = {
             let known = inner.incoming.get(&epoch).map(|i| &i.peers);
@@ -196,13 +224,27 @@ mod tests {
             .expect("found");
         assert_eq!(asked, 1);
 
-        // A routing key nobody's: not a pair envelope (asked, since a partner may be new).
+        // A routing key nobody's: not a pair envelope, and storage is not read again for it
+        // (made-up routing keys cost no I/O) until the partners change.
         let mut stranger = env.clone();
         stranger.routing_key = [9; 32];
         assert!(bobs
-            .incoming(&bob, &stranger, || Ok(vec![alice.public()]))
+            .incoming(&bob, &stranger, || panic!("asked for a made-up key"))
             .expect("ok")
             .is_none());
+        bobs.partners_changed();
+        let mut asked_again = false;
+        assert!(bobs
+            .incoming(&bob, &stranger, || {
+                asked_again = true;
+                Ok(vec![alice.public()])
+            })
+            .expect("ok")
+            .is_none());
+        assert!(
+            asked_again,
+            "a change makes the next unknown key read the partners"
+        );
         // The first-contact mailbox: never asked.
         stranger.routing_key = addressing::first_contact_mailbox(&bob.public());
         assert!(bobs
@@ -239,6 +281,7 @@ mod tests {
             .incoming(&bob, &env, || Ok(vec![]))
             .expect("ok")
             .is_none());
+        bobs.partners_changed();
         assert!(bobs
             .incoming(&bob, &env, || Ok(vec![alice.public()]))
             .expect("ok")
