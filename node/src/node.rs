@@ -32,9 +32,9 @@ use crate::{
 /// Capacity of the event broadcast; a subscriber that falls further behind misses events
 /// (`RecvError::Lagged`) and should re-read storage.
 pub(crate) const EVENT_CAPACITY: usize = 256;
-/// How long a clean shutdown may spend handing mailbox replicas to other peers.
 /// Longest wait at shutdown for delivered marks still being written.
 const MARKS_WAIT: Duration = Duration::from_secs(2);
+/// How long a clean shutdown may spend handing mailbox replicas to other peers.
 const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `start` waits for the listeners to report their addresses.
 const LISTEN_WAIT: Duration = Duration::from_secs(3);

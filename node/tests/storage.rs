@@ -560,6 +560,13 @@ async fn writers_that_find_a_sync_running_wait_for_it_and_every_write_ends_durab
     assert_eq!(s.durability(pending), Durability::Idle);
     assert_eq!(s.sync_unless_busy(pending).expect("sync"), None);
     assert_eq!(s.durability(pending), Durability::Durable);
+    // Awaited with no sync running, `durable` runs one itself.
+    let (_, pending) = s
+        .commit_outgoing_pending(&to, b"session", &outgoing(&to, 2, 2, "two"), b"env", 3)
+        .expect("commit");
+    assert_eq!(s.durability(pending), Durability::Idle);
+    s.durable(pending).await.expect("durable");
+    assert_eq!(s.durability(pending), Durability::Durable);
 
     // 64 writers at once from the blocking pool: those that find a sync running are handed back
     // their write, and await it (`durable`: the end of the running sync, or a sync of their own
@@ -591,9 +598,11 @@ async fn writers_that_find_a_sync_running_wait_for_it_and_every_write_ends_durab
     for t in tasks {
         deferred += usize::from(t.await.expect("writer"));
     }
-    // Whether any writer found a sync running depends on timing; that all ended durable does
-    // not. Reopening shows every message.
+    // With 64 writers and a sync of a tenth of a millisecond or more, some find one running
+    // (about three quarters on this machine): the path under test was taken.
     println!("{deferred} of 64 writers waited for a running sync");
+    assert!(deferred > 0, "no writer found a sync running");
+    // Reopening shows every message.
     drop(s);
     let s = open(&dir);
     let all = s
@@ -602,5 +611,5 @@ async fn writers_that_find_a_sync_running_wait_for_it_and_every_write_ends_durab
             ..MessageFilter::default()
         })
         .expect("messages");
-    assert_eq!(all.len(), 65);
+    assert_eq!(all.len(), 66);
 }

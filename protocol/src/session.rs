@@ -514,7 +514,8 @@ pub fn seal_message<R: CryptoRngCore + ?Sized>(
 /// Encrypt `plaintext` with the record's current session and seal it in a pair envelope under
 /// `key`, routed by `routing_key` (the recipient's pair mailbox for the epoch of `now`). See
 /// [`envelope::seal_pair`]: for partners whose session is established (the recipient has
-/// written back), about 20 times cheaper than [`seal_message`].
+/// written back), about ten times cheaper than [`seal_message`] (no Diffie-Hellman, no
+/// signature; `docs/performance.md`, "Pair envelopes").
 ///
 /// Never starts a session: without one, [`SessionError::BundleRequired`]. On error `record` is
 /// unchanged.

@@ -6,15 +6,14 @@ use std::collections::HashMap;
 
 use meshchat_protocol::{
     addressing::pair_secret,
-    envelope::PairEnvelopeKey,
-    envelope::{self, MAX_ENVELOPE_BYTES},
+    envelope::{self, PairEnvelopeKey, MAX_ENVELOPE_BYTES},
     open_message, open_pair_message,
     prekey::{PrekeyBundle, SIGNED_PREKEY_GRACE_SECS, SIGNED_PREKEY_VALIDITY_SECS},
     ratchet::MAX_SKIP,
     seal_message, seal_pair_message,
     session::{MAX_PLAINTEXT_BYTES, MAX_PREVIOUS_SESSIONS},
-    Envelope, EnvelopeError, Identity, PrekeySecrets, PublicIdentity, ReplayCache, SessionError,
-    SessionMessage, SessionRecord, Wire, WireError,
+    Envelope, EnvelopeError, Identity, PrekeySecrets, PublicIdentity, Received, ReplayCache,
+    SessionError, SessionMessage, SessionRecord, Wire, WireError,
 };
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
@@ -106,21 +105,39 @@ impl Party {
         env: &Envelope,
         now: u64,
     ) -> Result<(PublicIdentity, Vec<u8>), SessionError> {
+        self.open_and_persist(env, |id, prekeys, replay, records, env| {
+            open_message(id, prekeys, replay, records, env, now)
+        })
+    }
+
+    /// Open `env` (through its wire form) with `open`, handing it this party's identity,
+    /// decoded prekeys and replay cache and its session records; persist everything only if it
+    /// succeeds.
+    fn open_and_persist(
+        &mut self,
+        env: &Envelope,
+        open: impl FnOnce(
+            &Identity,
+            &mut PrekeySecrets,
+            &mut ReplayCache,
+            &dyn Fn(&PublicIdentity) -> Option<SessionRecord>,
+            &Envelope,
+        ) -> Result<Received, SessionError>,
+    ) -> Result<(PublicIdentity, Vec<u8>), SessionError> {
         let env = Envelope::from_wire(&env.to_wire().expect("encodes")).expect("decodes");
         let mut prekeys = PrekeySecrets::from_wire(&self.prekeys).expect("prekeys decode");
         let mut replay = ReplayCache::from_wire(&self.replay).expect("cache decodes");
         let records = &self.records;
-        let got = open_message(
+        let got = open(
             &self.id,
             &mut prekeys,
             &mut replay,
-            |peer| {
+            &|peer| {
                 records
                     .get(peer)
                     .map(|b| SessionRecord::from_wire(b).expect("decodes"))
             },
             &env,
-            now,
         )?;
         self.prekeys = prekeys.to_wire().expect("encodes");
         self.replay = replay.to_wire().expect("encodes");
@@ -155,30 +172,12 @@ impl Party {
 
     /// Open a pair envelope of epoch 7 from `from`; persist everything only if it succeeds.
     fn receive_pair(&mut self, from: &Party, env: &Envelope) -> Result<Vec<u8>, SessionError> {
-        let env = Envelope::from_wire(&env.to_wire().expect("encodes")).expect("decodes");
-        let mut prekeys = PrekeySecrets::from_wire(&self.prekeys).expect("prekeys decode");
-        let mut replay = ReplayCache::from_wire(&self.replay).expect("cache decodes");
         let key = self.pair_key(from, self, 7);
-        let records = &self.records;
-        let got = open_pair_message(
-            &self.id,
-            &mut prekeys,
-            &mut replay,
-            |peer| {
-                records
-                    .get(peer)
-                    .map(|b| SessionRecord::from_wire(b).expect("decodes"))
-            },
-            &from.public(),
-            &key,
-            &env,
-            T0 + 1,
-        )?;
-        self.prekeys = prekeys.to_wire().expect("encodes");
-        self.replay = replay.to_wire().expect("encodes");
-        self.records
-            .insert(got.sender, got.record.to_wire().expect("encodes"));
-        Ok(got.plaintext)
+        let sender = from.public();
+        self.open_and_persist(env, |id, prekeys, replay, records, env| {
+            open_pair_message(id, prekeys, replay, records, &sender, &key, env, T0 + 1)
+        })
+        .map(|(_, p)| p)
     }
 
     fn receive(&mut self, env: &Envelope) -> Result<Vec<u8>, SessionError> {
