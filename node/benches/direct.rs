@@ -6,6 +6,8 @@
 //! MESHCHAT_BENCH_QUICK=1 cargo bench -p meshchat-node --bench direct   # fewer samples
 //! MESHCHAT_BENCH_RSS=1 cargo bench -p meshchat-node --bench direct     # idle RSS only, with
 //!                                                                      # its breakdown
+//! MESHCHAT_BENCH_PROFILE=20000 cargo bench -p meshchat-node --bench direct  # only N sends
+//!                                                                      # in flight, for perf
 //! ```
 //!
 //! Prints, for two nodes in one process over TCP + noise + yamux on 127.0.0.1:
@@ -328,6 +330,11 @@ async fn meshchat_sends(
     lat
 }
 
+/// Syncs of the write-ahead log by both nodes so far.
+fn syncs(a: &BenchNode, b: &BenchNode) -> u64 {
+    a.handle.storage().syncs() + b.handle.storage().syncs()
+}
+
 /// Latencies of `n` synced single writes of [`PAYLOAD`] bytes to a fresh RocksDB.
 fn synced_writes(n: usize) -> Vec<Duration> {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -473,6 +480,24 @@ async fn main() {
         a.handle.shutdown().await;
         return;
     }
+    if let Some(n) = std::env::var("MESHCHAT_BENCH_PROFILE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        // Only the throughput run, `n` sends: for a profiler.
+        let (a, b) = pair().await;
+        let (t, cpu, before) = (Instant::now(), cpu_time(), syncs(&a, &b));
+        meshchat_sends(&a, &b, n, WINDOW).await;
+        println!(
+            "{n} sends: {:.0}/s, CPU {:.0} µs per message, {:.3} syncs per message",
+            n as f64 / t.elapsed().as_secs_f64(),
+            (cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64,
+            (syncs(&a, &b) - before) as f64 / n as f64
+        );
+        a.handle.shutdown().await;
+        b.handle.shutdown().await;
+        return;
+    }
     let (lat_n, tput_n) = if quick() { (200, 1000) } else { (1000, 5000) };
 
     // Bare request-response, same transport stack.
@@ -494,10 +519,11 @@ async fn main() {
     meshchat_sends(&a, &b, 20, 1).await; // warm-up
     let mut mc_lat = meshchat_sends(&a, &b, lat_n, 1).await;
     mc_lat.sort();
-    let (t, cpu) = (Instant::now(), cpu_time());
+    let (t, cpu, syncs_before) = (Instant::now(), cpu_time(), syncs(&a, &b));
     meshchat_sends(&a, &b, tput_n, WINDOW).await;
     let mc_tput = tput_n as f64 / t.elapsed().as_secs_f64();
     let mc_cpu = (cpu_time() - cpu) / tput_n as u32;
+    let mc_syncs = (syncs(&a, &b) - syncs_before) as f64 / tput_n as f64;
 
     let rss = idle_rss(&a.addr).await;
     let mut sync_lat = tokio::task::spawn_blocking(move || synced_writes(lat_n))
@@ -542,6 +568,7 @@ async fn main() {
         mc_cpu.as_secs_f64() * 1e6,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    println!("syncs of the write-ahead log per message in the throughput run: {mc_syncs:.3} (both nodes)");
     println!(
         "one synced {PAYLOAD} B RocksDB write on this disk: p50 {:.3} ms, p99 {:.3} ms",
         ms(percentile(&sync_lat, 0.5)),

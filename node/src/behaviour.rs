@@ -17,11 +17,11 @@ use libp2p::{
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
     tcp, yamux, StreamProtocol, Swarm,
 };
-use meshchat_protocol::{envelope::Envelope, MailboxRequest, MailboxResponse};
+use meshchat_protocol::{MailboxRequest, MailboxResponse};
 
 use crate::{
     config::NodeConfig,
-    direct::{self, DirectResponse},
+    direct::{self, DirectReply, DirectRequest},
     error::NodeError,
 };
 
@@ -34,7 +34,7 @@ pub const IDENTIFY_PROTOCOL: &str = "/meshchat/id/1.0.0";
 
 /// The direct-delivery behaviour.
 pub(crate) type DirectBehaviour =
-    request_response::Behaviour<direct::Codec<Envelope, DirectResponse>>;
+    request_response::Behaviour<direct::Codec<DirectRequest, DirectReply>>;
 
 /// The mailbox behaviour (`/meshchat/mailbox/1.0.0`).
 pub(crate) type MailboxBehaviour =

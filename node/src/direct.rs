@@ -1,13 +1,19 @@
-//! Direct delivery, `/meshchat/direct/1.0.0`: one sealed envelope per request-response stream,
-//! answered only after the recipient has made it durable. See `docs/protocol.md`, section
-//! "Direct delivery".
+//! Direct delivery, `/meshchat/direct/2.0.0`: a batch of sealed envelopes per request-response
+//! stream, answered only after the recipient has made all of them durable. See
+//! `docs/protocol.md`, section "Direct delivery".
 //!
 //! ```text
 //! sender                                   recipient
-//!   | -- u32 BE len || wire(Envelope) ------> |  len checked against MAX before allocation
-//!   |                                         |  open + commit in one RocksDB batch
-//!   | <-- u32 BE len || wire(DirectResponse) |  Accepted{id, duplicate} | Rejected{reason}
+//!   | -- u32 BE len || wire(DirectRequest) -> |  len checked against MAX before allocation
+//!   |                                         |  open + commit each, one sync for the batch
+//!   | <-- u32 BE len || wire(DirectReply) --- |  Each([Accepted{id, duplicate} | Rejected])
+//!   |                                         |  or Refused{reason} for the whole request
 //! ```
+//!
+//! A sender with several envelopes for the same peer sends them in one request
+//! ([`MAX_BATCH_ENVELOPES`], [`MAX_REQUEST_BYTES`]): a lone message goes out at once, alone, and
+//! messages that queue up behind requests already in flight go out together, so that the cost
+//! of a stream (open, negotiate, frame, answer) and of the recipient's sync is shared.
 //!
 //! The codec is [`request_response`] with a custom [`Codec`]: frames are a big-endian `u32`
 //! length followed by the value's `wire` encoding (`meshchat_protocol::wire`); a length above
@@ -15,20 +21,85 @@
 //! decoded under the same limit. A request that is too large or does not decode is still handed
 //! up, as [`Framed::Refused`], so that the node can answer it with a typed [`RejectReason`] and
 //! count it against the peer (a failed read would be invisible above the connection handler);
-//! decodable but bad envelopes (forged, expired, not for us) are answered the same way.
+//! decodable but bad envelopes (forged, expired, not for us) are answered the same way, each in
+//! its place of the batch.
 
 use std::{io, marker::PhantomData};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{request_response, StreamProtocol};
-use meshchat_protocol::{impl_wire, Wire};
+use meshchat_protocol::{envelope::MAX_ENVELOPE_BYTES, impl_wire, Envelope, Wire};
 use serde::{Deserialize, Serialize};
 
 /// The protocol id of direct delivery.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshchat/direct/1.0.0");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshchat/direct/2.0.0");
+
+/// Most envelopes in one request.
+pub const MAX_BATCH_ENVELOPES: usize = 64;
+
+/// Largest encoded [`DirectRequest`]: one envelope of the largest size always fits; smaller ones
+/// are packed up to this size.
+pub const MAX_REQUEST_BYTES: usize = MAX_ENVELOPE_BYTES + 1024;
+
+/// Bytes of a [`DirectRequest`] besides its envelopes (version byte, vector length).
+const REQUEST_OVERHEAD_BYTES: usize = 1 + 8;
+
+/// Bytes of an envelope inside a request besides its ciphertext (routing key, timestamp, ttl,
+/// ephemeral key, ciphertext length).
+const ENVELOPE_FIXED_BYTES: usize = 32 + 8 + 4 + 32 + 8;
 
 /// Largest encoded [`DirectResponse`].
 pub const MAX_RESPONSE_BYTES: usize = 64;
+
+/// Largest encoded [`DirectReply`].
+pub const MAX_REPLY_BYTES: usize = 16 + MAX_BATCH_ENVELOPES * MAX_RESPONSE_BYTES;
+
+/// A batch of envelopes for the recipient, in the order they are to be processed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectRequest {
+    /// 1 to [`MAX_BATCH_ENVELOPES`] envelopes.
+    pub envelopes: Vec<Envelope>,
+}
+
+impl_wire!(DirectRequest, MAX_REQUEST_BYTES);
+
+impl DirectRequest {
+    /// The bytes `envelope` adds to an encoded request.
+    pub fn cost(envelope: &Envelope) -> usize {
+        ENVELOPE_FIXED_BYTES + envelope.ciphertext.len()
+    }
+
+    /// Whether a request whose envelopes cost `used` bytes so far ([`DirectRequest::cost`]),
+    /// `count` of them, can take one more costing `more`.
+    pub fn fits(count: usize, used: usize, more: usize) -> bool {
+        count < MAX_BATCH_ENVELOPES && REQUEST_OVERHEAD_BYTES + used + more <= MAX_REQUEST_BYTES
+    }
+
+    /// Whether the request has an acceptable number of envelopes (the size was checked when it
+    /// was read).
+    pub fn check(&self) -> Result<(), RejectReason> {
+        if (1..=MAX_BATCH_ENVELOPES).contains(&self.envelopes.len()) {
+            Ok(())
+        } else {
+            Err(RejectReason::Malformed)
+        }
+    }
+}
+
+/// The recipient's answer to a [`DirectRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirectReply {
+    /// One answer per envelope, in the order of the request.
+    Each(Vec<DirectResponse>),
+    /// The whole request was refused (too large, undecodable, no or too many envelopes, or
+    /// the recipient is busy): none of its envelopes was processed.
+    Refused {
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+impl_wire!(DirectReply, MAX_REPLY_BYTES);
 
 /// The recipient's answer to one envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -334,6 +405,90 @@ mod tests {
         assert!(block(TestCodec::default().read_request(&PROTOCOL, &mut short)).is_err());
         let mut empty = Cursor::new(Vec::new());
         assert!(block(TestCodec::default().read_request(&PROTOCOL, &mut empty)).is_err());
+    }
+
+    fn envelope(ciphertext_len: usize) -> Envelope {
+        Envelope {
+            routing_key: [1; 32],
+            timestamp: 2,
+            ttl: 3,
+            ephemeral: [4; 32],
+            ciphertext: vec![5; ciphertext_len],
+        }
+    }
+
+    #[test]
+    fn a_request_costs_what_its_envelopes_cost() {
+        let envelopes = vec![envelope(300), envelope(1200), envelope(0)];
+        let request = DirectRequest {
+            envelopes: envelopes.clone(),
+        };
+        let used: usize = envelopes.iter().map(DirectRequest::cost).sum();
+        assert_eq!(
+            request.to_wire().expect("encodes").len(),
+            REQUEST_OVERHEAD_BYTES + used
+        );
+    }
+
+    #[test]
+    fn packing_stops_at_the_count_and_the_size() {
+        // A largest envelope always fits alone, and nothing fits beside it.
+        let largest = envelope(MAX_ENVELOPE_BYTES - 1 - ENVELOPE_FIXED_BYTES);
+        assert_eq!(
+            largest.to_wire().expect("encodes").len(),
+            MAX_ENVELOPE_BYTES
+        );
+        let cost = DirectRequest::cost(&largest);
+        assert!(DirectRequest::fits(0, 0, cost));
+        assert!(!DirectRequest::fits(1, cost, cost));
+        // Packed to the limit, a request encodes and decodes under it.
+        let mut request = DirectRequest {
+            envelopes: Vec::new(),
+        };
+        let mut used = 0;
+        loop {
+            let next = envelope(4_000);
+            let more = DirectRequest::cost(&next);
+            if !DirectRequest::fits(request.envelopes.len(), used, more) {
+                break;
+            }
+            used += more;
+            request.envelopes.push(next);
+        }
+        let bytes = request.to_wire().expect("encodes");
+        assert!(bytes.len() <= MAX_REQUEST_BYTES);
+        assert_eq!(DirectRequest::from_wire(&bytes).expect("decodes"), request);
+        // Small envelopes stop at the count.
+        let small = DirectRequest::cost(&envelope(300));
+        assert!(DirectRequest::fits(MAX_BATCH_ENVELOPES - 1, 0, small));
+        assert!(!DirectRequest::fits(MAX_BATCH_ENVELOPES, 0, small));
+    }
+
+    #[test]
+    fn only_one_to_the_most_envelopes_pass_the_check() {
+        let with = |n| DirectRequest {
+            envelopes: vec![envelope(300); n],
+        };
+        assert_eq!(with(0).check(), Err(RejectReason::Malformed));
+        assert_eq!(with(1).check(), Ok(()));
+        assert_eq!(with(MAX_BATCH_ENVELOPES).check(), Ok(()));
+        assert_eq!(
+            with(MAX_BATCH_ENVELOPES + 1).check(),
+            Err(RejectReason::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_full_reply_fits_its_limit() {
+        let reply = DirectReply::Each(vec![
+            DirectResponse::Accepted {
+                envelope_id: [0xff; 32],
+                duplicate: true,
+            };
+            MAX_BATCH_ENVELOPES
+        ]);
+        let bytes = reply.to_wire().expect("encodes under the limit");
+        assert_eq!(DirectReply::from_wire(&bytes).expect("decodes"), reply);
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //!   ---------------------------            ----------------------------------------------
 //!   NetClient::get_record ---Command-----> kad.get_record   -> pending_get[QueryId]
 //!   NetClient::put_record ---Command-----> kad.put_record   -> pending_put[QueryId]
-//!   NetClient::send_envelope -Command----> direct.send_request -> pending_send[RequestId]
+//!   NetClient::send_batch ---Command-----> direct.send_request -> pending_send[RequestId]
 //!        <------------------oneshot------- reply when the query / request completes
-//!   inbound worker <--mpsc (bounded)------ direct request (envelope + ResponseChannel)
+//!   inbound worker <--mpsc (bounded)------ direct request (envelopes + ResponseChannel)
 //!   NetClient::respond ------Command-----> direct.send_response
 //!   publisher <--------------watch-------- dialable addresses changed
 //! ```
@@ -54,7 +54,7 @@ use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     config::Limits,
     dht,
-    direct::{DirectResponse, Framed, RejectReason},
+    direct::{DirectReply, DirectRequest, Framed, RejectReason},
 };
 
 /// Capacity of the command channel (handles wait when it is full).
@@ -79,12 +79,13 @@ pub(crate) struct FoundRecord {
     pub(crate) value: Vec<u8>,
 }
 
-/// One envelope pushed to us, waiting for the messaging worker.
+/// A batch of envelopes pushed to us (1 to `MAX_BATCH_ENVELOPES`), waiting for the messaging
+/// worker.
 #[derive(Debug)]
-pub(crate) struct InboundEnvelope {
+pub(crate) struct InboundBatch {
     pub(crate) peer: PeerId,
-    pub(crate) envelope: Envelope,
-    pub(crate) channel: ResponseChannel<DirectResponse>,
+    pub(crate) envelopes: Vec<Envelope>,
+    pub(crate) channel: ResponseChannel<DirectReply>,
 }
 
 /// One mailbox request from a peer, waiting for the mailbox service (`crate::mailbox`).
@@ -132,15 +133,15 @@ pub(crate) enum Command {
         key: Vec<u8>,
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
-    SendEnvelope {
+    SendBatch {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        envelope: Envelope,
-        reply: oneshot::Sender<Result<DirectResponse, String>>,
+        envelopes: Vec<Envelope>,
+        reply: oneshot::Sender<Result<DirectReply, String>>,
     },
     Respond {
-        channel: ResponseChannel<DirectResponse>,
-        response: DirectResponse,
+        channel: ResponseChannel<DirectReply>,
+        reply: DirectReply,
     },
     Strike {
         peer: PeerId,
@@ -215,16 +216,18 @@ impl NetClient {
         self.call(|reply| Command::LocalRecord { key, reply }).await
     }
 
-    pub(crate) async fn send_envelope(
+    /// Send `envelopes` (1 to `MAX_BATCH_ENVELOPES`, packed with `DirectRequest::fits`) to
+    /// `peer` in one direct request.
+    pub(crate) async fn send_batch(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        envelope: Envelope,
-    ) -> Result<Result<DirectResponse, String>, LoopStopped> {
-        self.call(|reply| Command::SendEnvelope {
+        envelopes: Vec<Envelope>,
+    ) -> Result<Result<DirectReply, String>, LoopStopped> {
+        self.call(|reply| Command::SendBatch {
             peer,
             addrs,
-            envelope,
+            envelopes,
             reply,
         })
         .await
@@ -232,11 +235,11 @@ impl NetClient {
 
     pub(crate) async fn respond(
         &self,
-        channel: ResponseChannel<DirectResponse>,
-        response: DirectResponse,
+        channel: ResponseChannel<DirectReply>,
+        reply: DirectReply,
     ) -> Result<(), LoopStopped> {
         self.tx
-            .send(Command::Respond { channel, response })
+            .send(Command::Respond { channel, reply })
             .await
             .map_err(|_| LoopStopped)
     }
@@ -312,13 +315,13 @@ struct PendingGet {
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    inbound: mpsc::Sender<InboundEnvelope>,
+    inbound: mpsc::Sender<InboundBatch>,
     addrs: watch::Sender<Vec<Multiaddr>>,
     limits: Limits,
     dht_server: bool,
     pending_get: HashMap<kad::QueryId, PendingGet>,
     pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), String>>>,
-    pending_send: HashMap<OutboundRequestId, oneshot::Sender<Result<DirectResponse, String>>>,
+    pending_send: HashMap<OutboundRequestId, oneshot::Sender<Result<DirectReply, String>>>,
     pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     pending_closest: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
     pending_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<MailboxResponse, String>>>,
@@ -359,7 +362,7 @@ pub(crate) fn new(
 ) -> (
     EventLoop,
     NetClient,
-    mpsc::Receiver<InboundEnvelope>,
+    mpsc::Receiver<InboundBatch>,
     watch::Receiver<Vec<Multiaddr>>,
     LoopExtras,
 ) {
@@ -599,10 +602,10 @@ impl EventLoop {
                     .map(|r| r.value.clone());
                 let _ = reply.send(value);
             }
-            Command::SendEnvelope {
+            Command::SendBatch {
                 peer,
                 addrs,
-                envelope,
+                envelopes,
                 reply,
             } => {
                 if peer == *self.swarm.local_peer_id() {
@@ -613,15 +616,19 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .direct
-                    .send_request_with_addresses(&peer, Framed::Value(envelope), addrs);
+                    .send_request_with_addresses(
+                        &peer,
+                        Framed::Value(DirectRequest { envelopes }),
+                        addrs,
+                    );
                 self.pending_send.insert(id, reply);
             }
-            Command::Respond { channel, response } => {
+            Command::Respond { channel, reply } => {
                 if self
                     .swarm
                     .behaviour_mut()
                     .direct
-                    .send_response(channel, response)
+                    .send_response(channel, reply)
                     .is_err()
                 {
                     tracing::debug!("response dropped: the requesting connection is gone");
@@ -897,29 +904,34 @@ impl EventLoop {
         }
     }
 
-    fn on_direct(&mut self, event: request_response::Event<Framed<Envelope>, DirectResponse>) {
+    fn on_direct(&mut self, event: request_response::Event<Framed<DirectRequest>, DirectReply>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let envelope = match request {
-                        Framed::Value(envelope) => envelope,
+                    let checked = match request {
+                        Framed::Value(request) => request.check().map(|()| request.envelopes),
                         Framed::Refused(e) => {
                             tracing::debug!(%peer, error = %e, "refused a direct request");
-                            let reason = e.reason();
+                            Err(e.reason())
+                        }
+                    };
+                    let envelopes = match checked {
+                        Ok(envelopes) => envelopes,
+                        Err(reason) => {
                             let _ = self
                                 .swarm
                                 .behaviour_mut()
                                 .direct
-                                .send_response(channel, DirectResponse::Rejected { reason });
+                                .send_response(channel, DirectReply::Refused { reason });
                             self.strike(peer, "undecodable direct request");
                             return;
                         }
                     };
-                    let item = InboundEnvelope {
+                    let item = InboundBatch {
                         peer,
-                        envelope,
+                        envelopes,
                         channel,
                     };
                     if let Err(e) = self.inbound.try_send(item) {
@@ -927,12 +939,12 @@ impl EventLoop {
                             mpsc::error::TrySendError::Full(i) => (i, RejectReason::Busy),
                             mpsc::error::TrySendError::Closed(i) => (i, RejectReason::Internal),
                         };
-                        tracing::debug!(%peer, ?reason, "inbound envelope refused");
+                        tracing::debug!(%peer, ?reason, "inbound direct request refused");
                         let _ = self
                             .swarm
                             .behaviour_mut()
                             .direct
-                            .send_response(item.channel, DirectResponse::Rejected { reason });
+                            .send_response(item.channel, DirectReply::Refused { reason });
                     }
                 }
                 request_response::Message::Response {

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod batcher;
 mod behaviour;
 pub mod config;
 pub mod control;

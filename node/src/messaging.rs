@@ -29,7 +29,7 @@
 //! de-duplication answers a repeat with an acknowledgement and does not show it again.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex as StdMutex},
     time::{Duration, Instant},
 };
@@ -52,16 +52,18 @@ use rand::{rngs::OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{
-        broadcast, mpsc, watch, Mutex, Notify, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore,
+        broadcast, mpsc, oneshot, watch, Mutex, Notify, OwnedMutexGuard, OwnedSemaphorePermit,
+        Semaphore,
     },
     task::{JoinHandle, JoinSet},
 };
 
 use crate::{
+    batcher::Batcher,
     dht::{own_record, unix_now, unix_now_ms},
-    direct::{DirectResponse, RejectReason},
+    direct::{DirectReply, DirectResponse, RejectReason},
     error::NodeError,
-    event_loop::{InboundEnvelope, LoopStopped, NetClient},
+    event_loop::{InboundBatch, LoopStopped, NetClient},
     mailbox::{self, service::Pushed},
     node::{NodeEvent, SendOutcome, SendReport},
     pair_keys::PairKeys,
@@ -102,16 +104,13 @@ const PRESENCE_GRACE_SECS: u64 = 3600;
 /// any envelope can live.
 const SEEN_RETENTION_MS: u64 = (meshchat_protocol::envelope::MAX_TTL_SECS as u64 + 86_400) * 1000;
 
-/// Inbound envelopes processed at once (opened in parallel, committed with shared syncs).
+/// Most texts to one peer sealed and committed together (in one ratchet pass and one write).
+const MAX_SEAL_BATCH: usize = 64;
+/// Inbound direct requests processed at once (opened in parallel, committed with shared syncs;
+/// the envelopes of one request one after the other).
 const INBOUND_PARALLEL: usize = 32;
 /// Above this many peer locks, the ones nobody holds are dropped.
 const PEER_LOCKS_PRUNE_AT: usize = 1024;
-/// Direct requests in flight to one peer at once; more wait for a slot. A connection accepts 32
-/// concurrent streams of the direct protocol (`Limits::max_direct_streams`), counting both
-/// directions, and drops inbound ones above that: sending more at once would have them dropped
-/// and retried only after a pause and a new presence lookup. Half of it leaves the other half
-/// to the peer's requests to us.
-const DIRECT_REQUESTS_PER_PEER: usize = 16;
 
 /// Mailboxes looked up at once while collecting.
 const COLLECT_PARALLEL: usize = 8;
@@ -227,25 +226,6 @@ impl PeerLocks {
     }
 }
 
-/// Per libp2p peer, the slots for direct requests in flight ([`DIRECT_REQUESTS_PER_PEER`]).
-#[derive(Debug, Default)]
-struct DirectSlots {
-    map: StdMutex<HashMap<PeerId, Arc<Semaphore>>>,
-}
-
-impl DirectSlots {
-    fn get(&self, peer: &PeerId) -> Arc<Semaphore> {
-        let mut map = lock(&self.map);
-        if map.len() >= PEER_LOCKS_PRUNE_AT {
-            map.retain(|_, s| Arc::strong_count(s) > 1);
-        }
-        Arc::clone(
-            map.entry(*peer)
-                .or_insert_with(|| Arc::new(Semaphore::new(DIRECT_REQUESTS_PER_PEER))),
-        )
-    }
-}
-
 /// What processing an inbound envelope on `spawn_blocking` needs.
 #[derive(Debug, Clone)]
 struct OpenContext {
@@ -257,15 +237,43 @@ struct OpenContext {
     groups: Option<crate::groups::store::ControlSink>,
 }
 
-/// The result of sealing and committing an outgoing text.
-// A short-lived return value, one per send: boxing the large variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
+/// One of our messages: its recipient and its id.
+type OurMessage = (PublicIdentity, [u8; 16]);
+
+/// A text to seal as the message with this id.
+type Text = ([u8; 16], String);
+
+/// The result of sealing and committing outgoing texts.
 #[derive(Debug)]
 enum Sealed {
-    /// Written (not yet durable): the message, its envelope, and the write to wait for.
-    Committed(StoredMessage, Envelope, PendingWrite),
-    /// No session with the peer yet and no bundle given: the text back.
+    /// Written (not yet durable): the messages and their envelopes, in order, and the write
+    /// to wait for.
+    Committed(Vec<(StoredMessage, Envelope)>, PendingWrite),
+    /// No session with the peer yet and no bundle given: the texts back.
+    NeedsBundle(Vec<Text>),
+}
+
+/// A text waiting in a peer's seal queue ([`Messenger::seal_queued`]).
+#[derive(Debug)]
+struct SealJob {
+    text: Text,
+    reply: oneshot::Sender<SealOutcome>,
+}
+
+/// What became of a queued text.
+// A short-lived value, one per send: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum SealOutcome {
+    /// Sealed and durably committed.
+    Sealed(StoredMessage, Envelope),
+    /// No session with the peer yet: the text back, to be sealed with a bundle.
     NeedsBundle(String),
+    /// The batch it was part of failed as a whole: the text back, to be sealed alone (so that
+    /// the error, if it is its own, is reported as such).
+    Alone(String),
+    /// Sealing it alone failed.
+    Failed(NodeError),
 }
 
 /// Peers that serve a user, with their addresses (from a presence record).
@@ -319,7 +327,10 @@ pub(crate) struct Messenger {
     prekey_lock: Arc<Mutex<()>>,
     /// Pair mailboxes and pair-envelope keys of our partners.
     pair_keys: Arc<PairKeys>,
-    direct_slots: DirectSlots,
+    /// Outgoing direct requests, batched per peer.
+    batcher: Arc<Batcher>,
+    /// Texts waiting to be sealed, per peer; a peer is in the map while its sealer runs.
+    seal_queues: StdMutex<HashMap<PublicIdentity, VecDeque<SealJob>>>,
     /// Sealing and opening (about 100 µs of curve arithmetic each) run on `spawn_blocking`
     /// threads; this bounds how many at once to the number of cores. Without it, dozens of
     /// inbound envelopes opened at once outnumber the cores and starve the async workers that
@@ -330,9 +341,12 @@ pub(crate) struct Messenger {
     publish_kick: Notify,
     outbox_kick: Notify,
     in_flight: StdMutex<HashSet<[u8; 16]>>,
-    /// Delivered marks still being written after `send_text` answered (waited for at
-    /// shutdown, see [`Messenger::finish_marks`]).
+    /// The task writing delivered marks after `send_text` answered (waited for at shutdown,
+    /// see [`Messenger::finish_marks`]).
     marks: StdMutex<JoinSet<()>>,
+    /// Messages acknowledged by their recipients, still to be marked delivered, and whether the
+    /// task that writes them runs ([`Messenger::mark_delivered_later`]).
+    marks_due: StdMutex<(Vec<OurMessage>, bool)>,
     wake_peers: StdMutex<HashSet<PublicIdentity>>,
     presence_cache: StdMutex<HashMap<PublicIdentity, (Instant, PeerAddrs)>>,
     published_contacts: StdMutex<Option<Vec<PublicIdentity>>>,
@@ -446,7 +460,8 @@ impl Messenger {
             peer_locks: Arc::default(),
             prekey_lock: Arc::default(),
             pair_keys: Arc::default(),
-            direct_slots: DirectSlots::default(),
+            batcher: Arc::default(),
+            seal_queues: StdMutex::new(HashMap::new()),
             cpu_slots: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
@@ -455,6 +470,7 @@ impl Messenger {
             outbox_kick: Notify::new(),
             in_flight: StdMutex::new(HashSet::new()),
             marks: StdMutex::new(JoinSet::new()),
+            marks_due: StdMutex::new((Vec::new(), false)),
             wake_peers: StdMutex::new(HashSet::new()),
             presence_cache: StdMutex::new(HashMap::new()),
             published_contacts: StdMutex::new(None),
@@ -584,7 +600,7 @@ impl Messenger {
     /// worker for mail replicas push to us.
     pub(crate) fn spawn_tasks(
         self: &Arc<Self>,
-        inbound: mpsc::Receiver<InboundEnvelope>,
+        inbound: mpsc::Receiver<InboundBatch>,
         pushed: mpsc::Receiver<Pushed>,
         online: watch::Receiver<u64>,
         shutdown: watch::Receiver<bool>,
@@ -607,6 +623,53 @@ impl Messenger {
             tokio::time::timeout(limit, async { while marks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("delivered marks still unwritten at shutdown");
+        }
+    }
+
+    /// Mark our message `id` to `to` delivered soon, in one write with the other marks due by
+    /// then; until it is written, `id` stays in `in_flight` (away from the outbox loop).
+    fn mark_delivered_later(self: &Arc<Self>, to: PublicIdentity, id: [u8; 16]) {
+        let start = {
+            let mut due = lock(&self.marks_due);
+            due.0.push((to, id));
+            !std::mem::replace(&mut due.1, true)
+        };
+        if start {
+            let me = Arc::clone(self);
+            let mut marks = lock(&self.marks);
+            while marks.try_join_next().is_some() {}
+            marks.spawn(me.write_marks());
+        }
+    }
+
+    /// Write the delivered marks due, all at once, until none are.
+    async fn write_marks(self: Arc<Self>) {
+        loop {
+            let due = {
+                let mut due = lock(&self.marks_due);
+                if due.0.is_empty() {
+                    due.1 = false;
+                    return;
+                }
+                std::mem::take(&mut due.0)
+            };
+            let storage = self.storage.clone();
+            let written = blocking(move || {
+                let changed = storage.mark_delivered_many(&due);
+                Ok((due, changed))
+            })
+            .await;
+            let Ok((due, changed)) = written else {
+                return;
+            };
+            match changed {
+                Ok(changed) => changed.iter().for_each(|m| self.emit_status(m)),
+                Err(e) => tracing::warn!(error = %e, "marking delivered messages failed"),
+            }
+            let mut in_flight = lock(&self.in_flight);
+            for (_, id) in &due {
+                in_flight.remove(id);
+            }
         }
     }
 
@@ -668,15 +731,7 @@ impl Messenger {
             // delivered here is not synced anyway (a crash that loses the mark brings back the
             // outbox entry, whose resend is acknowledged as a duplicate), so it happens behind
             // the answer, with the message kept away from the outbox loop until it is written.
-            let me = Arc::clone(self);
-            let mut marks = lock(&self.marks);
-            while marks.try_join_next().is_some() {}
-            marks.spawn(async move {
-                if let Err(e) = me.settle(&id, 0, Ok(Delivered::Direct)).await {
-                    tracing::warn!(error = %e, "marking a delivered message failed");
-                }
-                lock(&me.in_flight).remove(&id);
-            });
+            self.mark_delivered_later(to, id);
             return Ok(SendReport {
                 message_id: id,
                 outcome: SendOutcome::Delivered,
@@ -690,22 +745,27 @@ impl Messenger {
         })
     }
 
-    /// Seal `text` as message `id` to `to` and commit it durably: under the peer's lock, seal
-    /// and write the batch; release the lock; wait for the sync that covers the batch. Without a
-    /// session, fetch the peer's bundle and try again with it.
+    /// Seal `text` as message `id` to `to` and commit it durably, in a batch with the other
+    /// texts queued for `to` meanwhile ([`Self::seal_queued`]). Without a session, fetch the
+    /// peer's bundle and seal it alone with it.
     async fn seal_text(
-        &self,
+        self: &Arc<Self>,
         to: PublicIdentity,
         id: [u8; 16],
         text: String,
         deadline: Instant,
     ) -> Result<(StoredMessage, Envelope), NodeError> {
-        let text = match self.seal_once(to, id, text, None).await? {
-            Ok(sealed) => return Ok(sealed),
-            Err(text) => text,
+        let text = match self.seal_queued(to, (id, text)).await {
+            SealOutcome::Sealed(message, envelope) => return Ok((message, envelope)),
+            SealOutcome::Failed(e) => return Err(e),
+            SealOutcome::Alone(text) => match self.seal_once(to, (id, text), None).await? {
+                Ok(sealed) => return Ok(sealed),
+                Err(text) => text,
+            },
+            SealOutcome::NeedsBundle(text) => text,
         };
         let bundle = self.fetch_bundle(&to, deadline).await?;
-        match self.seal_once(to, id, text, Some(bundle)).await? {
+        match self.seal_once(to, (id, text), Some(bundle)).await? {
             Ok(sealed) => Ok(sealed),
             Err(_) => Err(NodeError::Crypto {
                 reason: "invariant: a bundle was given, yet the seal asked for one".into(),
@@ -713,14 +773,122 @@ impl Messenger {
         }
     }
 
-    /// One attempt of [`Self::seal_text`]: `Err(text)` when a bundle is needed.
+    /// Queue `text` for `to`'s sealer (starting one if none runs) and wait for what became of
+    /// it.
+    async fn seal_queued(self: &Arc<Self>, to: PublicIdentity, text: Text) -> SealOutcome {
+        let (reply, outcome) = oneshot::channel();
+        let start = {
+            let mut queues = lock(&self.seal_queues);
+            let start = !queues.contains_key(&to);
+            queues
+                .entry(to)
+                .or_default()
+                .push_back(SealJob { text, reply });
+            start
+        };
+        if start {
+            tokio::spawn(Arc::clone(self).sealer(to));
+        }
+        // A sealer drops a reply only when its task is cut short (the runtime stops).
+        outcome
+            .await
+            .unwrap_or(SealOutcome::Failed(NodeError::Stopped))
+    }
+
+    /// Seal and commit the texts queued for `to`, all that are waiting (up to
+    /// [`MAX_SEAL_BATCH`]) in one ratchet pass and one write, until none are. A batch's sync is
+    /// awaited on its own task while the next batch is sealed, so that under load one sync
+    /// covers many messages and the sealing never waits for the disk.
+    async fn sealer(self: Arc<Self>, to: PublicIdentity) {
+        loop {
+            let jobs: Vec<SealJob> = {
+                let mut queues = lock(&self.seal_queues);
+                let Some(queue) = queues.get_mut(&to) else {
+                    return;
+                };
+                if queue.is_empty() {
+                    queues.remove(&to);
+                    return;
+                }
+                let n = queue.len().min(MAX_SEAL_BATCH);
+                queue.drain(..n).collect()
+            };
+            let (texts, replies): (Vec<Text>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.text, j.reply)).unzip();
+            let alone = texts.len() == 1;
+            let kept = (!alone).then(|| texts.clone());
+            match self.commit_texts(to, texts, None).await {
+                Ok(Sealed::Committed(sealed, pending)) => {
+                    let storage = self.storage.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = storage.durable(pending).await {
+                            // Written but perhaps not on disk: each send reports the failure.
+                            tracing::warn!(error = %e, "syncing sealed messages failed");
+                            for reply in replies {
+                                let failed = NodeError::internal(format!(
+                                    "the message could not be made durable: {e}"
+                                ));
+                                let _ = reply.send(SealOutcome::Failed(failed));
+                            }
+                            return;
+                        }
+                        for (reply, (message, envelope)) in replies.into_iter().zip(sealed) {
+                            let _ = reply.send(SealOutcome::Sealed(message, envelope));
+                        }
+                    });
+                }
+                Ok(Sealed::NeedsBundle(texts)) => {
+                    for (reply, (_, text)) in replies.into_iter().zip(texts) {
+                        let _ = reply.send(SealOutcome::NeedsBundle(text));
+                    }
+                }
+                Err(e) => match kept {
+                    None => {
+                        if let Some(reply) = replies.into_iter().next() {
+                            let _ = reply.send(SealOutcome::Failed(e));
+                        }
+                    }
+                    Some(texts) => {
+                        tracing::debug!(error = %e, n = texts.len(), "a batch of texts failed to seal; sealing them one by one");
+                        for (reply, (_, text)) in replies.into_iter().zip(texts) {
+                            let _ = reply.send(SealOutcome::Alone(text));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Seal one text alone and commit it durably: `Err(text)` when a bundle is needed.
     async fn seal_once(
         &self,
         to: PublicIdentity,
-        id: [u8; 16],
-        text: String,
+        text: Text,
         bundle: Option<VerifiedBundle>,
     ) -> Result<Result<(StoredMessage, Envelope), String>, NodeError> {
+        match self.commit_texts(to, vec![text], bundle).await? {
+            Sealed::Committed(mut sealed, pending) => {
+                self.storage.durable(pending).await?;
+                sealed
+                    .pop()
+                    .map(Ok)
+                    .ok_or_else(|| NodeError::internal("one text sealed into no message"))
+            }
+            Sealed::NeedsBundle(mut texts) => texts
+                .pop()
+                .map(|(_, text)| Err(text))
+                .ok_or_else(|| NodeError::internal("one text came back as none")),
+        }
+    }
+
+    /// Under the peer's lock and a CPU slot, seal `texts` in order and write them in one batch
+    /// (not yet durable: wait for the returned write).
+    async fn commit_texts(
+        &self,
+        to: PublicIdentity,
+        texts: Vec<Text>,
+        bundle: Option<VerifiedBundle>,
+    ) -> Result<Sealed, NodeError> {
         // The peer's lock first, then a CPU slot: a slot is never held while waiting for a lock
         // (see `cpu_slots`).
         let guard = self.peer_locks.get(&to).lock_owned().await;
@@ -728,37 +896,14 @@ impl Messenger {
         let storage = self.storage.clone();
         let identity = self.identity.clone();
         let routing = Arc::clone(&self.pair_keys);
-        let sealed = blocking(move || {
-            let sealed = seal_and_commit(
-                &storage,
-                &identity,
-                &routing,
-                &to,
-                id,
-                text,
-                bundle.as_ref(),
-            );
-            // The next message to this peer is sealed while this one waits for the disk.
+        blocking(move || {
+            let sealed =
+                seal_and_commit(&storage, &identity, &routing, &to, texts, bundle.as_ref());
             drop(guard);
             drop(slot);
-            match sealed? {
-                Sealed::Committed(message, envelope, pending) => {
-                    let pending = storage.sync_unless_busy(pending)?;
-                    Ok(Ok((message, envelope, pending)))
-                }
-                Sealed::NeedsBundle(text) => Ok(Err(text)),
-            }
+            sealed
         })
-        .await?;
-        match sealed {
-            Ok((message, envelope, pending)) => {
-                if let Some(pending) = pending {
-                    self.storage.durable(pending).await?;
-                }
-                Ok(Ok((message, envelope)))
-            }
-            Err(text) => Ok(Err(text)),
-        }
+        .await
     }
 
     /// Record the result of a delivery attempt of our message `id` (after `attempts` earlier
@@ -1287,12 +1432,7 @@ impl Messenger {
                 Ok(Ok(peers)) => {
                     for (peer, addrs) in peers {
                         let remaining = deadline.saturating_duration_since(Instant::now());
-                        let slots = self.direct_slots.get(&peer);
-                        let attempt = async {
-                            // Wait here rather than open a stream the connection would refuse.
-                            let _slot = slots.acquire_owned().await;
-                            self.net.send_envelope(peer, addrs, envelope.clone()).await
-                        };
+                        let attempt = self.batcher.send(&self.net, peer, addrs, envelope.clone());
                         match tokio::time::timeout(remaining, attempt).await {
                             Ok(Ok(Ok(DirectResponse::Accepted { envelope_id, .. }))) => {
                                 if envelope_id == expected_id {
@@ -1435,7 +1575,7 @@ impl Messenger {
     /// they are opened on both cores and share their commits' syncs.
     async fn inbound_worker(
         self: Arc<Self>,
-        mut inbound: mpsc::Receiver<InboundEnvelope>,
+        mut inbound: mpsc::Receiver<InboundBatch>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let slots = Arc::new(Semaphore::new(INBOUND_PARALLEL));
@@ -1464,39 +1604,65 @@ impl Messenger {
         }
     }
 
-    /// Process one envelope that arrived directly, answer it, and act on what it changed.
-    async fn handle_inbound(&self, item: InboundEnvelope) {
-        let InboundEnvelope {
+    /// Process a batch of envelopes that arrived directly, answer it, and act on what they
+    /// changed.
+    async fn handle_inbound(&self, item: InboundBatch) {
+        let InboundBatch {
             peer,
-            envelope,
+            envelopes,
             channel,
         } = item;
-        let processed = match self.process_inbound(envelope).await {
+        let processed = match self.process_batch(envelopes).await {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "cannot process an inbound envelope");
-                Processed::rejected(RejectReason::Internal)
+                // Whatever was committed before the failure is acknowledged as a duplicate when
+                // the sender tries again.
+                tracing::warn!(%peer, error = %e, "cannot process an inbound batch");
+                let reason = RejectReason::Internal;
+                let _ = self
+                    .net
+                    .respond(channel, DirectReply::Refused { reason })
+                    .await;
+                return;
             }
         };
-        if let DirectResponse::Rejected { reason } = processed.response {
-            tracing::debug!(%peer, %reason, "rejected an inbound envelope");
-            if reason.is_hostile() && self.net.strike(peer, reason.to_string()).await.is_err() {
+        let mut hostile = None;
+        for p in &processed {
+            if let DirectResponse::Rejected { reason } = p.response {
+                tracing::debug!(%peer, %reason, "rejected an inbound envelope");
+                if reason.is_hostile() {
+                    hostile.get_or_insert(reason);
+                }
+            }
+        }
+        // One strike per request, however many of its envelopes were bad.
+        if let Some(reason) = hostile {
+            if self.net.strike(peer, reason.to_string()).await.is_err() {
                 return;
             }
         }
-        if self.net.respond(channel, processed.response).await.is_err() {
+        let reply = DirectReply::Each(processed.iter().map(|p| p.response).collect());
+        if self.net.respond(channel, reply).await.is_err() {
             return;
         }
         // They are online: `after_processed` also retries what we owe them now.
-        self.after_processed(processed);
+        for p in processed {
+            self.after_processed(p);
+        }
     }
 
+    /// Process one envelope (from a mailbox): [`Self::process_batch`] of one.
     async fn process_inbound(&self, envelope: Envelope) -> Result<Processed, NodeError> {
-        let now = unix_now();
-        if let Err(e) = envelope.check(now) {
-            return Ok(Processed::rejected(envelope_reject(&e)));
-        }
-        let slot = self.cpu_slot().await?;
+        self.process_batch(vec![envelope])
+            .await?
+            .pop()
+            .ok_or_else(|| NodeError::internal("a batch of one gave no result"))
+    }
+
+    /// Open and commit `envelopes` one after the other on one blocking thread (a CPU slot
+    /// for each), then wait once for the sync that covers all their commits: one result per
+    /// envelope, in order, once every accepted one is durable.
+    async fn process_batch(&self, envelopes: Vec<Envelope>) -> Result<Vec<Processed>, NodeError> {
         let ctx = OpenContext {
             storage: self.storage.clone(),
             identity: self.identity.clone(),
@@ -1505,8 +1671,34 @@ impl Messenger {
             pair_keys: Arc::clone(&self.pair_keys),
             groups: self.group_sink.get().cloned(),
         };
-        let mut processed = blocking(move || open_and_commit(&ctx, &envelope, now, slot)).await?;
-        if let Some(pending) = processed.not_yet_durable.take() {
+        let slots = Arc::clone(&self.cpu_slots);
+        let runtime = tokio::runtime::Handle::current();
+        let (processed, pending) = blocking(move || {
+            let now = unix_now();
+            let mut processed = Vec::with_capacity(envelopes.len());
+            let mut last = None;
+            for envelope in &envelopes {
+                if let Err(e) = envelope.check(now) {
+                    processed.push(Processed::rejected(envelope_reject(&e)));
+                    continue;
+                }
+                // A blocking-pool thread may wait on the runtime.
+                let slot = runtime
+                    .block_on(Arc::clone(&slots).acquire_owned())
+                    .map_err(|_| NodeError::Stopped)?;
+                let mut p = open_and_commit(&ctx, envelope, now, slot)?;
+                last = last.max(p.not_yet_durable.take());
+                processed.push(p);
+            }
+            // One sync for the whole batch (or, if one is running, an async wait for it).
+            let pending = match last {
+                Some(pending) => ctx.storage.sync_unless_busy(pending)?,
+                None => None,
+            };
+            Ok((processed, pending))
+        })
+        .await?;
+        if let Some(pending) = pending {
             self.storage.durable(pending).await?;
         }
         Ok(processed)
@@ -1891,53 +2083,61 @@ fn partners(storage: &Storage) -> Result<Vec<PublicIdentity>, NodeError> {
     Ok(peers)
 }
 
-/// Seal a text message as message `id` and write session, message and outbox entry in one
-/// batch (durable once the returned write is waited for). Call under the peer's lock.
+/// Seal `texts` in order (the bundle, if given and needed, starts the session with the first)
+/// and write the session, the messages and their outbox entries in one batch (durable once the
+/// returned write is waited for). Call under the peer's lock.
 fn seal_and_commit(
     storage: &Storage,
     identity: &Identity,
     routing: &PairKeys,
     to: &PublicIdentity,
-    id: [u8; 16],
-    text: String,
+    texts: Vec<Text>,
     bundle: Option<&VerifiedBundle>,
 ) -> Result<Sealed, NodeError> {
     let mut record = load_session(storage, to)?;
-    let bundle = if record.has_session() { None } else { bundle };
+    let mut bundle = if record.has_session() { None } else { bundle };
     if !record.has_session() && bundle.is_none() {
-        return Ok(Sealed::NeedsBundle(text));
+        return Ok(Sealed::NeedsBundle(texts));
     }
     // Content sequence numbers start at 1.
-    let seq = storage.next_seq(to)?.max(1);
-    let sent_at_ms = unix_now_ms();
-    let content = Content::Text {
-        id: MessageId(id),
-        seq,
-        sent_at_ms,
-        body: text.clone(),
-    };
-    let envelope = seal_content(identity, routing, &mut record, bundle, to, &content)?;
-    let envelope_bytes = envelope.to_wire().map_err(wire_err("envelope"))?;
+    let mut seq = storage.next_seq(to)?.max(1);
+    let mut sealed = Vec::with_capacity(texts.len());
+    let mut wires = Vec::with_capacity(texts.len());
+    for (id, text) in texts {
+        let sent_at_ms = unix_now_ms();
+        let content = Content::Text {
+            id: MessageId(id),
+            seq,
+            sent_at_ms,
+            body: text,
+        };
+        let envelope = seal_content(identity, routing, &mut record, bundle.take(), to, &content)?;
+        wires.push(envelope.to_wire().map_err(wire_err("envelope"))?);
+        let Content::Text { body, .. } = content else {
+            return Err(NodeError::internal("a text content changed its kind"));
+        };
+        let message = StoredMessage {
+            id,
+            peer: *to,
+            direction: Direction::Out,
+            seq,
+            sent_at_ms,
+            received_at_ms: sent_at_ms,
+            body,
+            status: Status::Queued,
+            group: None,
+        };
+        sealed.push((message, envelope));
+        seq = seq.saturating_add(1);
+    }
     let session_bytes = record.to_wire().map_err(wire_err("session record"))?;
-    let message = StoredMessage {
-        id,
-        peer: *to,
-        direction: Direction::Out,
-        seq,
-        sent_at_ms,
-        received_at_ms: sent_at_ms,
-        body: text,
-        status: Status::Queued,
-        group: None,
-    };
-    let (_, pending) = storage.commit_outgoing_pending(
-        to,
-        &session_bytes,
-        &message,
-        &envelope_bytes,
-        seq.saturating_add(1),
-    )?;
-    Ok(Sealed::Committed(message, envelope, pending))
+    let messages: Vec<(&StoredMessage, &[u8])> = sealed
+        .iter()
+        .zip(&wires)
+        .map(|((m, _), w)| (m, w.as_slice()))
+        .collect();
+    let (_, pending) = storage.commit_outgoing_many(to, &session_bytes, &messages, seq)?;
+    Ok(Sealed::Committed(sealed, pending))
 }
 
 /// Open an inbound envelope on copies of the stored state and commit everything it changed in
@@ -2173,18 +2373,17 @@ fn try_open_and_commit(
         // A new partner (or a new session with one): recognise its pair envelopes.
         ctx.pair_keys.partners_changed();
     }
-    // The next envelope from this sender is decrypted while this one waits for the disk. If
-    // another sync is running, the wait is left to the async caller (`process_inbound`), which
-    // answers only once the commit is durable.
+    // The next envelope from this sender is decrypted while this one waits for the disk: the
+    // sync is left to the caller (`Messenger::process_batch`, once per batch), which answers
+    // only once the commit is durable.
     drop(peer_guard);
-    let not_yet_durable = storage.sync_unless_busy(pending)?;
     let mut processed = Processed {
         response: accepted(false),
         sender: Some(sender),
         new_message: None,
         status_changes: Vec::new(),
         prekeys_changed,
-        not_yet_durable,
+        not_yet_durable: Some(pending),
     };
     match outcome {
         IncomingOutcome::New { .. } => processed.new_message = message,

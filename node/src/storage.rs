@@ -941,6 +941,11 @@ impl Storage {
         Ok(PendingWrite(state.written))
     }
 
+    /// Syncs of the write-ahead log so far (for benchmarks: syncs per message).
+    pub fn syncs(&self) -> u64 {
+        self.sync_state().syncs
+    }
+
     fn sync_state(&self) -> MutexGuard<'_, SyncState> {
         // The state is a few counters, consistent after any panic.
         self.inner
@@ -1370,33 +1375,46 @@ impl Storage {
         batch: &mut WriteBatch,
         m: &StoredMessage,
     ) -> Result<u64, StorageError> {
-        let index = self.read_counter(CF_META, KEY_ARRIVAL_NEXT, "arrival counter")?;
+        let first = self.stage_messages(batch, [m])?;
+        Ok(first)
+    }
+
+    /// Put new messages and their indexes into `batch`, numbered in order from the arrival
+    /// counter; returns the arrival index of the first (the others follow it).
+    fn stage_messages<'a>(
+        &self,
+        batch: &mut WriteBatch,
+        messages: impl IntoIterator<Item = &'a StoredMessage>,
+    ) -> Result<u64, StorageError> {
+        let first = self.read_counter(CF_META, KEY_ARRIVAL_NEXT, "arrival counter")?;
+        let exhausted = || StorageError::Corrupt {
+            what: "arrival counter",
+            detail: "exhausted".into(),
+        };
         let cf = self.cf(CF_MESSAGES);
-        let key = message_key(&m.peer, m.direction, &m.id);
-        let record = MessageRecord {
-            index,
-            message: m.clone(),
-        };
-        batch.put_cf(cf, &key, encode("message", &record)?);
-        batch.put_cf(cf, arrival_key(index), &key);
-        if m.group.is_none() {
-            batch.put_cf(cf, conversation_key(m), []);
+        let mut index = first;
+        for m in messages {
+            let key = message_key(&m.peer, m.direction, &m.id);
+            let record = MessageRecord {
+                index,
+                message: m.clone(),
+            };
+            batch.put_cf(cf, &key, encode("message", &record)?);
+            batch.put_cf(cf, arrival_key(index), &key);
+            if m.group.is_none() {
+                batch.put_cf(cf, conversation_key(m), []);
+            }
+            if m.direction == Direction::Out {
+                batch.put_cf(cf, outgoing_id_key(&m.id), m.peer.as_bytes());
+            }
+            index = index.checked_add(1).ok_or_else(exhausted)?;
         }
-        if m.direction == Direction::Out {
-            batch.put_cf(cf, outgoing_id_key(&m.id), m.peer.as_bytes());
-        }
-        let next = StoredCounter {
-            value: index.checked_add(1).ok_or(StorageError::Corrupt {
-                what: "arrival counter",
-                detail: "exhausted".into(),
-            })?,
-        };
         batch.put_cf(
             self.cf(CF_META),
             KEY_ARRIVAL_NEXT,
-            encode("arrival counter", &next)?,
+            encode("arrival counter", &StoredCounter { value: index })?,
         );
-        Ok(index)
+        Ok(first)
     }
 
     /// Commit an outgoing message in one synced batch: the new session state, the message
@@ -1429,50 +1447,80 @@ impl Storage {
         envelope_bytes: &[u8],
         next_seq: u64,
     ) -> Result<(u64, PendingWrite), StorageError> {
-        if message.direction != Direction::Out || message.peer != *peer {
+        self.commit_outgoing_many(peer, session_bytes, &[(message, envelope_bytes)], next_seq)
+    }
+
+    /// [`Storage::commit_outgoing_pending`] for several messages to `peer` sealed one after the
+    /// other from one session state: `session_bytes` is the state after the last of them. All
+    /// or nothing, in one batch; returns the arrival index of the first message (the others
+    /// follow it in order).
+    pub fn commit_outgoing_many(
+        &self,
+        peer: &PublicIdentity,
+        session_bytes: &[u8],
+        messages: &[(&StoredMessage, &[u8])],
+        next_seq: u64,
+    ) -> Result<(u64, PendingWrite), StorageError> {
+        if messages.is_empty() {
             return Err(StorageError::Inconsistent(
-                "commit_outgoing needs an outgoing message to `peer`",
+                "commit_outgoing needs at least one message",
             ));
         }
-        Self::check_message(message)?;
+        for (message, envelope_bytes) in messages {
+            if message.direction != Direction::Out || message.peer != *peer {
+                return Err(StorageError::Inconsistent(
+                    "commit_outgoing needs outgoing messages to `peer`",
+                ));
+            }
+            Self::check_message(message)?;
+            if envelope_bytes.len() > MAX_STORED_ENVELOPE_BYTES {
+                return Err(StorageError::TooLarge {
+                    what: "envelope",
+                    len: envelope_bytes.len(),
+                    limit: MAX_STORED_ENVELOPE_BYTES,
+                });
+            }
+        }
         Self::check_blob("session", session_bytes)?;
-        if envelope_bytes.len() > MAX_STORED_ENVELOPE_BYTES {
-            return Err(StorageError::TooLarge {
-                what: "envelope",
-                len: envelope_bytes.len(),
-                limit: MAX_STORED_ENVELOPE_BYTES,
-            });
+        let mut ids: Vec<&[u8; 16]> = messages.iter().map(|(m, _)| &m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != messages.len() {
+            return Err(StorageError::Inconsistent(
+                "two outgoing messages with the same id",
+            ));
         }
         let _guard = self.lock();
-        if self
-            .get(CF_MESSAGES, &outgoing_id_key(&message.id))?
-            .is_some()
-        {
-            return Err(StorageError::Inconsistent(
-                "an outgoing message with this id exists already",
-            ));
+        for id in ids {
+            if self.get(CF_MESSAGES, &outgoing_id_key(id))?.is_some() {
+                return Err(StorageError::Inconsistent(
+                    "an outgoing message with this id exists already",
+                ));
+            }
         }
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_SESSIONS), peer.as_bytes(), session_bytes);
-        let index = self.stage_message(&mut batch, message)?;
-        let entry = OutboxEntry {
-            message_id: message.id,
-            peer: *peer,
-            envelope: envelope_bytes.to_vec(),
-            attempts: 0,
-            next_attempt_ms: 0,
-        };
-        batch.put_cf(
-            self.cf(CF_OUTBOX),
-            message.id,
-            encode("outbox entry", &entry)?,
-        );
+        let index = self.stage_messages(&mut batch, messages.iter().map(|(m, _)| *m))?;
+        for (message, envelope_bytes) in messages {
+            let entry = OutboxEntry {
+                message_id: message.id,
+                peer: *peer,
+                envelope: envelope_bytes.to_vec(),
+                attempts: 0,
+                next_attempt_ms: 0,
+            };
+            batch.put_cf(
+                self.cf(CF_OUTBOX),
+                message.id,
+                encode("outbox entry", &entry)?,
+            );
+        }
         batch.put_cf(
             self.cf(CF_MESSAGES),
             seq_key(peer),
             encode("sequence counter", &StoredCounter { value: next_seq })?,
         );
-        let pending = self.write_pending(batch, false, "committing an outgoing message")?;
+        let pending = self.write_pending(batch, false, "committing outgoing messages")?;
         Ok((index, pending))
     }
 
@@ -1884,6 +1932,33 @@ impl Storage {
         message_id: &[u8; 16],
     ) -> Result<Option<StoredMessage>, StorageError> {
         self.finish_outgoing(message_id, Status::Delivered, false)
+    }
+
+    /// [`Storage::mark_delivered`] for many messages at once, each named with its recipient,
+    /// in one (unsynced) batch; returns the messages whose status changed. An id that is not an
+    /// outgoing message to the peer named with it changes nothing.
+    pub fn mark_delivered_many(
+        &self,
+        messages: &[(PublicIdentity, [u8; 16])],
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let guard = self.lock();
+        let mut batch = WriteBatch::default();
+        let mut changed = Vec::new();
+        for (peer, id) in messages {
+            let key = message_key(peer, Direction::Out, id);
+            let Some(mut record) = self.read_message_at(&key)? else {
+                continue;
+            };
+            batch.delete_cf(self.cf(CF_OUTBOX), id);
+            if record.message.status.advances_to(Status::Delivered) {
+                record.message.status = Status::Delivered;
+                batch.put_cf(self.cf(CF_MESSAGES), &key, encode("message", &record)?);
+                changed.push(record.message);
+            }
+        }
+        self.write(batch, false, "marking messages delivered")?;
+        drop(guard);
+        Ok(changed)
     }
 
     /// `message_id` is stored on `replicas` mailbox replicas: in one synced batch, drop its

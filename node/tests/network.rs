@@ -12,7 +12,7 @@ use libp2p::{
     tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 use meshchat_node::{
-    direct::{DirectResponse, RejectReason},
+    direct::{DirectReply, DirectRequest, DirectResponse, RejectReason, MAX_BATCH_ENVELOPES},
     storage::{Direction, MessageFilter, Status, Storage},
     Node, NodeConfig, NodeEvent, NodeHandle, SendOutcome,
 };
@@ -523,13 +523,36 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn parse_response(raw: &[u8]) -> DirectResponse {
+/// One framed direct request carrying `envelopes`.
+fn batch(envelopes: &[Envelope]) -> Vec<u8> {
+    let request = DirectRequest {
+        envelopes: envelopes.to_vec(),
+    };
+    frame(&request.to_wire().expect("request encodes"))
+}
+
+/// One framed direct request carrying `envelope` alone.
+fn one(envelope: &Envelope) -> Vec<u8> {
+    batch(std::slice::from_ref(envelope))
+}
+
+fn parse_reply(raw: &[u8]) -> DirectReply {
     let len = u32::from_be_bytes(raw[..4].try_into().expect("prefix")) as usize;
     assert_eq!(raw.len(), 4 + len, "one frame");
-    DirectResponse::from_wire(&raw[4..]).expect("a direct response")
+    DirectReply::from_wire(&raw[4..]).expect("a direct reply")
+}
+
+/// The answer to the one envelope of a request.
+fn parse_response(raw: &[u8]) -> DirectResponse {
+    match parse_reply(raw) {
+        DirectReply::Each(each) if each.len() == 1 => each[0],
+        other => panic!("expected one answer, got {other:?}"),
+    }
 }
 
 /// B's current bundle, as a stranger would fetch it.
+/// Like the one the node publishes, it has no one-time prekeys: strangers who seal first messages
+/// with it never compete for one.
 fn bundle_of(node: &TestNode) -> VerifiedBundle {
     let bytes = node
         .handle
@@ -537,11 +560,19 @@ fn bundle_of(node: &TestNode) -> VerifiedBundle {
         .prekeys()
         .expect("read prekeys")
         .expect("prekeys saved at start");
-    PrekeySecrets::from_wire(&bytes)
+    let full = PrekeySecrets::from_wire(&bytes)
         .expect("prekeys decode")
-        .bundle(&node.identity)
-        .verify(now())
-        .expect("bundle verifies")
+        .bundle(&node.identity);
+    meshchat_protocol::PrekeyBundle::sign(
+        &node.identity,
+        full.version,
+        full.signed_prekey,
+        Vec::new(),
+        full.created_at,
+        full.expires_at,
+    )
+    .verify(now())
+    .expect("bundle verifies")
 }
 
 /// A first message from `from` to `to` (a stranger, no contact), sealed at `at`.
@@ -568,6 +599,82 @@ fn first_message(from: &Identity, to: &TestNode, body: &str, at: u64) -> Envelop
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_is_answered_envelope_by_envelope_and_bad_batches_as_a_whole() {
+    let b = start(Vec::new()).await;
+    let mut b_events = b.handle.subscribe();
+    let b_peer = b.handle.peer_id();
+    let mut mallory = raw_swarm();
+
+    // Two strangers' genuine first messages, a forged one, an expired one and a copy of the
+    // first, in one request: each gets its own answer, in request order.
+    let dave = Identity::generate(&mut OsRng);
+    let erin = Identity::generate(&mut OsRng);
+    let from_dave = first_message(&dave, &b, "dave, first in the batch", now());
+    let from_erin = first_message(&erin, &b, "erin, last in the batch", now());
+    let mut forged = first_message(&dave, &b, "forged", now());
+    forged.ciphertext[20] ^= 0x40;
+    let expired = first_message(&erin, &b, "expired", now() - 7200);
+    let request = batch(&[
+        from_dave.clone(),
+        forged,
+        expired,
+        from_dave.clone(),
+        from_erin.clone(),
+    ]);
+    let answer = raw_request(&mut mallory, b_peer, &b.addr, request)
+        .await
+        .expect("answered");
+    let accepted = |e: &Envelope, duplicate| DirectResponse::Accepted {
+        envelope_id: e.id(),
+        duplicate,
+    };
+    assert_eq!(
+        parse_reply(&answer),
+        DirectReply::Each(vec![
+            accepted(&from_dave, false),
+            DirectResponse::Rejected {
+                reason: RejectReason::Undecryptable
+            },
+            DirectResponse::Rejected {
+                reason: RejectReason::Expired
+            },
+            accepted(&from_dave, true),
+            accepted(&from_erin, false),
+        ])
+    );
+    let mut bodies = vec![
+        next_message(&mut b_events).await.body,
+        next_message(&mut b_events).await.body,
+    ];
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        ["dave, first in the batch", "erin, last in the batch"]
+    );
+    assert_eq!(incoming(b.handle.storage(), &dave.public()).len(), 1);
+    assert_eq!(incoming(b.handle.storage(), &erin.public()).len(), 1);
+
+    // No envelopes, or more than a request may carry: refused whole, nothing processed.
+    let refused = DirectReply::Refused {
+        reason: RejectReason::Malformed,
+    };
+    let answer = raw_request(&mut mallory, b_peer, &b.addr, batch(&[]))
+        .await
+        .expect("answered");
+    assert_eq!(parse_reply(&answer), refused);
+    let frank = Identity::generate(&mut OsRng);
+    let too_many: Vec<Envelope> = (0..=MAX_BATCH_ENVELOPES)
+        .map(|i| first_message(&frank, &b, &format!("frank {i}"), now()))
+        .collect();
+    let answer = raw_request(&mut mallory, b_peer, &b.addr, batch(&too_many))
+        .await
+        .expect("answered");
+    assert_eq!(parse_reply(&answer), refused);
+    assert!(incoming(b.handle.storage(), &frank.public()).is_empty());
+    b.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_direct_requests_are_rejected_and_real_messages_still_arrive() {
     let (boot, a, b) = mesh().await;
     let mut b_events = b.handle.subscribe();
@@ -575,11 +682,12 @@ async fn hostile_direct_requests_are_rejected_and_real_messages_still_arrive() {
     let mut mallory = raw_swarm();
 
     let rejected = |reason| DirectResponse::Rejected { reason };
+    let refused = |reason| DirectReply::Refused { reason };
     // Garbage inside a well-formed frame.
     let answer = raw_request(&mut mallory, b_peer, &b.addr, frame(&[1, 2, 3, 4, 5]))
         .await
         .expect("answered");
-    assert_eq!(parse_response(&answer), rejected(RejectReason::Malformed));
+    assert_eq!(parse_reply(&answer), refused(RejectReason::Malformed));
 
     // A length prefix of 4 GiB: refused from the prefix alone.
     let mut huge = vec![0xff, 0xff, 0xff, 0xff];
@@ -587,15 +695,15 @@ async fn hostile_direct_requests_are_rejected_and_real_messages_still_arrive() {
     let answer = raw_request(&mut mallory, b_peer, &b.addr, huge)
         .await
         .expect("answered");
-    assert_eq!(parse_response(&answer), rejected(RejectReason::TooLarge));
+    assert_eq!(parse_reply(&answer), refused(RejectReason::TooLarge));
 
-    // A frame one byte over the envelope limit.
-    let over = vec![1u8; Envelope::MAX_ENCODED + 1];
+    // A frame one byte over the request limit.
+    let over = vec![1u8; DirectRequest::MAX_ENCODED + 1];
     let answer = raw_request(&mut mallory, b_peer, &b.addr, frame(&over)).await;
     // The node answers from the prefix while the body is still arriving; the answer may be
     // lost when it then closes the stream.
     if let Some(answer) = answer {
-        assert_eq!(parse_response(&answer), rejected(RejectReason::TooLarge));
+        assert_eq!(parse_reply(&answer), refused(RejectReason::TooLarge));
     }
 
     // A real first message from a stranger, with one ciphertext byte flipped: forged.
@@ -603,14 +711,9 @@ async fn hostile_direct_requests_are_rejected_and_real_messages_still_arrive() {
     let genuine = first_message(&carol, &b, "hello from carol", now());
     let mut forged = genuine.clone();
     forged.ciphertext[10] ^= 0x01;
-    let answer = raw_request(
-        &mut mallory,
-        b_peer,
-        &b.addr,
-        frame(&forged.to_wire().expect("encode")),
-    )
-    .await
-    .expect("answered");
+    let answer = raw_request(&mut mallory, b_peer, &b.addr, one(&forged))
+        .await
+        .expect("answered");
     assert_eq!(
         parse_response(&answer),
         rejected(RejectReason::Undecryptable)
@@ -618,18 +721,13 @@ async fn hostile_direct_requests_are_rejected_and_real_messages_still_arrive() {
 
     // An envelope sealed 2 hours ago with a TTL of 1 hour: expired.
     let old = first_message(&carol, &b, "old news", now() - 7200);
-    let answer = raw_request(
-        &mut mallory,
-        b_peer,
-        &b.addr,
-        frame(&old.to_wire().expect("encode")),
-    )
-    .await
-    .expect("answered");
+    let answer = raw_request(&mut mallory, b_peer, &b.addr, one(&old))
+        .await
+        .expect("answered");
     assert_eq!(parse_response(&answer), rejected(RejectReason::Expired));
 
     // The genuine envelope is accepted and shown once…
-    let bytes = frame(&genuine.to_wire().expect("encode"));
+    let bytes = one(&genuine);
     let answer = raw_request(&mut mallory, b_peer, &b.addr, bytes.clone())
         .await
         .expect("answered");
@@ -704,7 +802,7 @@ async fn pair_envelopes_open_by_their_routing_key_and_older_sealed_ones_still_do
     let b_peer = b.handle.peer_id();
     let b_public = b.identity.public();
     let mut raw = raw_swarm();
-    let send = |env: &Envelope| frame(&env.to_wire().expect("envelope encodes"));
+    let send = one;
     let accepted = |raw: &[u8]| {
         matches!(
             parse_response(raw),
@@ -829,8 +927,8 @@ async fn a_peer_that_keeps_sending_garbage_is_disconnected_and_blocked() {
         let answer = raw_request(&mut mallory, b_peer, &b.addr, frame(&[9, 9, 9])).await;
         match answer {
             Some(answer) => assert_eq!(
-                parse_response(&answer),
-                DirectResponse::Rejected {
+                parse_reply(&answer),
+                DirectReply::Refused {
                     reason: RejectReason::Malformed
                 }
             ),
@@ -842,13 +940,7 @@ async fn a_peer_that_keeps_sending_garbage_is_disconnected_and_blocked() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let carol = Identity::generate(&mut OsRng);
     let genuine = first_message(&carol, &b, "let me in", now());
-    let answer = raw_request(
-        &mut mallory,
-        b_peer,
-        &b.addr,
-        frame(&genuine.to_wire().expect("encode")),
-    )
-    .await;
+    let answer = raw_request(&mut mallory, b_peer, &b.addr, one(&genuine)).await;
     assert_eq!(answer, None, "a blocked peer gets no answer");
     let status = b.handle.status().await.expect("status");
     assert!(!status
@@ -858,14 +950,9 @@ async fn a_peer_that_keeps_sending_garbage_is_disconnected_and_blocked() {
 
     // Another peer is still served.
     let mut other = raw_swarm();
-    let answer = raw_request(
-        &mut other,
-        b_peer,
-        &b.addr,
-        frame(&genuine.to_wire().expect("encode")),
-    )
-    .await
-    .expect("answered");
+    let answer = raw_request(&mut other, b_peer, &b.addr, one(&genuine))
+        .await
+        .expect("answered");
     assert!(matches!(
         parse_response(&answer),
         DirectResponse::Accepted {
@@ -1132,14 +1219,9 @@ async fn the_published_bundle_has_no_one_time_prekeys_and_strangers_never_collid
         )
         .expect("seal a first message against the published bundle");
         let mut swarm = raw_swarm();
-        let raw = raw_request(
-            &mut swarm,
-            b.handle.peer_id(),
-            &b.addr,
-            frame(&envelope.to_wire().expect("envelope encodes")),
-        )
-        .await
-        .expect("an answer");
+        let raw = raw_request(&mut swarm, b.handle.peer_id(), &b.addr, one(&envelope))
+            .await
+            .expect("an answer");
         assert!(
             matches!(parse_response(&raw), DirectResponse::Accepted { .. }),
             "stranger {i}'s first message is accepted"
