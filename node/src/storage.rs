@@ -873,18 +873,7 @@ impl Storage {
         }
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_SESSIONS), peer.as_bytes(), session_bytes);
-        let entry = OutboxEntry {
-            message_id: *message_id,
-            peer: *peer,
-            envelope: envelope_bytes.to_vec(),
-            attempts: 0,
-            next_attempt_ms: 0,
-        };
-        batch.put_cf(
-            self.cf(CF_OUTBOX),
-            message_id,
-            encode("outbox entry", &entry)?,
-        );
+        self.stage_outbox_entry(&mut batch, peer, message_id, envelope_bytes)?;
         batch.put_cf(
             self.cf(CF_MESSAGES),
             outgoing_id_key(message_id),
@@ -1502,18 +1491,7 @@ impl Storage {
         batch.put_cf(self.cf(CF_SESSIONS), peer.as_bytes(), session_bytes);
         let index = self.stage_messages(&mut batch, messages.iter().map(|(m, _)| *m))?;
         for (message, envelope_bytes) in messages {
-            let entry = OutboxEntry {
-                message_id: message.id,
-                peer: *peer,
-                envelope: envelope_bytes.to_vec(),
-                attempts: 0,
-                next_attempt_ms: 0,
-            };
-            batch.put_cf(
-                self.cf(CF_OUTBOX),
-                message.id,
-                encode("outbox entry", &entry)?,
-            );
+            self.stage_outbox_entry(&mut batch, peer, &message.id, envelope_bytes)?;
         }
         batch.put_cf(
             self.cf(CF_MESSAGES),
@@ -1522,6 +1500,29 @@ impl Storage {
         );
         let pending = self.write_pending(batch, false, "committing outgoing messages")?;
         Ok((index, pending))
+    }
+
+    /// Put a new outbox entry (first attempt due now) for our envelope to `peer` into `batch`.
+    fn stage_outbox_entry(
+        &self,
+        batch: &mut WriteBatch,
+        peer: &PublicIdentity,
+        message_id: &[u8; 16],
+        envelope_bytes: &[u8],
+    ) -> Result<(), StorageError> {
+        let entry = OutboxEntry {
+            message_id: *message_id,
+            peer: *peer,
+            envelope: envelope_bytes.to_vec(),
+            attempts: 0,
+            next_attempt_ms: 0,
+        };
+        batch.put_cf(
+            self.cf(CF_OUTBOX),
+            message_id,
+            encode("outbox entry", &entry)?,
+        );
+        Ok(())
     }
 
     /// Whether the envelope with this id was processed already.

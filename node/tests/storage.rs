@@ -613,3 +613,110 @@ async fn writers_that_find_a_sync_running_wait_for_it_and_every_write_ends_durab
         .expect("messages");
     assert_eq!(all.len(), 66);
 }
+
+/// Messages sealed together are committed together: all or nothing, numbered in order, one
+/// outbox entry each, the session state and the sequence counter of the last.
+#[test]
+fn outgoing_messages_are_committed_together_or_not_at_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    let (b, c) = (peer(2), peer(3));
+    let m1 = outgoing(&b, 1, 1, "one");
+    let m2 = outgoing(&b, 2, 2, "two");
+    let m3 = outgoing(&b, 3, 3, "three");
+    let (first, pending) = s
+        .commit_outgoing_many(
+            &b,
+            b"after three",
+            &[(&m1, b"e1"), (&m2, b"e2"), (&m3, b"e3")],
+            4,
+        )
+        .expect("commit");
+    s.wait_durable(pending).expect("sync");
+    for (i, m) in [&m1, &m2, &m3].into_iter().enumerate() {
+        let (index, stored) = s
+            .message(&b, Direction::Out, &m.id)
+            .expect("reads")
+            .expect("stored");
+        assert_eq!(index, first + i as u64, "arrival order is sealing order");
+        assert_eq!(&stored, m);
+    }
+    let envelopes: Vec<Vec<u8>> = s
+        .outbox()
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.envelope)
+        .collect();
+    assert_eq!(envelopes, [b"e1".to_vec(), b"e2".to_vec(), b"e3".to_vec()]);
+    assert_eq!(
+        s.session(&b).expect("reads").as_deref(),
+        Some(&b"after three"[..])
+    );
+    assert_eq!(s.next_seq(&b).expect("reads"), 4);
+
+    // A batch with one bad member writes nothing: an id used before, two equal ids, a message
+    // to someone else, or nothing at all.
+    let m4 = outgoing(&b, 4, 4, "four");
+    let to_c = outgoing(&c, 5, 1, "not for b");
+    let bad: [&[(&StoredMessage, &[u8])]; 4] = [
+        &[(&m4, b"e4"), (&m1, b"again")],
+        &[(&m4, b"e4"), (&m4, b"e4")],
+        &[(&m4, b"e4"), (&to_c, b"e5")],
+        &[],
+    ];
+    for batch in bad {
+        let err = s
+            .commit_outgoing_many(&b, b"bad", batch, 9)
+            .expect_err("refused");
+        assert_eq!(err.kind(), StorageErrorKind::InvalidInput, "{err}");
+    }
+    assert!(s
+        .message(&b, Direction::Out, &m4.id)
+        .expect("reads")
+        .is_none());
+    assert_eq!(s.outbox().expect("reads").len(), 3);
+    assert_eq!(
+        s.session(&b).expect("reads").as_deref(),
+        Some(&b"after three"[..])
+    );
+    assert_eq!(s.next_seq(&b).expect("reads"), 4);
+}
+
+/// Delivered marks written together: each message named with its recipient; a wrong recipient
+/// or an unknown id changes nothing, and a mark never moves a status backwards.
+#[test]
+fn delivered_marks_are_written_together_and_only_for_the_right_recipient() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    let (b, c) = (peer(2), peer(3));
+    for (id, to) in [(1, &b), (2, &b), (3, &c)] {
+        s.commit_outgoing(to, b"s", &outgoing(to, id, u64::from(id), "x"), b"e", 9)
+            .expect("commit");
+    }
+    s.set_status(&[2; 16], Status::Read).expect("read receipt");
+    let changed = s
+        .mark_delivered_many(&[(b, [1; 16]), (b, [2; 16]), (b, [3; 16]), (c, [7; 16])])
+        .expect("marks");
+    // Only message 1 changed: 2 was read already, 3 went to c, 7 does not exist.
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].id, [1; 16]);
+    assert_eq!(changed[0].status, Status::Delivered);
+    let status = |to: &PublicIdentity, id: u8| {
+        s.message(to, Direction::Out, &[id; 16])
+            .expect("reads")
+            .expect("stored")
+            .1
+            .status
+    };
+    assert_eq!(status(&b, 1), Status::Delivered);
+    assert_eq!(status(&b, 2), Status::Read);
+    assert_eq!(status(&c, 3), Status::Queued);
+    // Message 3's outbox entry stays (it was named with the wrong recipient).
+    let left: Vec<[u8; 16]> = s
+        .outbox()
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(left, [[3; 16]]);
+}
