@@ -1,10 +1,10 @@
 //! Outgoing direct requests, batched per peer (`docs/protocol.md`, "Direct delivery").
 //!
 //! Every envelope for a libp2p peer joins that peer's queue. At most
-//! [`REQUESTS_PER_PEER`] requests are in flight to a peer; each takes along every queued
+//! [`REQUESTS_PER_PEER`] request is in flight to a peer; it takes along every queued
 //! envelope that fits one request ([`DirectRequest::fits`]), in queue order. So a lone
-//! message leaves at once, alone (no waiting for company), and messages that arrive while
-//! requests are in flight go out together in the next one: under load, one stream, one frame
+//! message leaves at once, alone (no waiting for company), and messages that arrive while a
+//! request is in flight go out together in the next one: under load, one stream, one frame
 //! and one sync at the recipient serve many messages.
 //!
 //! ```text
@@ -30,12 +30,13 @@ use crate::{
     event_loop::{LoopStopped, NetClient},
 };
 
-/// Direct requests in flight to one peer at once. A connection accepts 32 concurrent streams of
-/// the direct protocol (`Limits::max_direct_streams`), counting both directions, and drops
-/// inbound ones above that; a few requests in flight are enough to keep the recipient busy
-/// (one is processed while the previous one waits for its sync), and the rest of the envelopes
-/// are better off in fewer, larger batches.
-pub(crate) const REQUESTS_PER_PEER: usize = 4;
+/// Direct requests in flight to one peer at once. One: everything that queues up meanwhile goes
+/// in the next request, so the batches are as large as the load makes them. Measured with 64
+/// sends in flight (`MESHCHAT_BENCH_PROFILE=5000`, two runs each): 1 request gave 6,300
+/// messages/s at 0.12 syncs per message, 2 gave 5,600-6,100 at 0.20, 4 gave 5,200-5,400 at
+/// 0.28 (`docs/performance.md`). The cost: envelopes for a peer wait behind its request in
+/// flight (up to the request timeout if the peer stalls).
+pub(crate) const REQUESTS_PER_PEER: usize = 1;
 
 /// One envelope waiting for a request.
 #[derive(Debug)]
