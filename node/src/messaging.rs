@@ -1675,20 +1675,38 @@ impl Messenger {
         let runtime = tokio::runtime::Handle::current();
         let (processed, pending) = blocking(move || {
             let now = unix_now();
-            let mut processed = Vec::with_capacity(envelopes.len());
+            let mut processed: Vec<Processed> = Vec::with_capacity(envelopes.len());
             let mut last = None;
+            let mut carry = Carry::default();
             for envelope in &envelopes {
                 if let Err(e) = envelope.check(now) {
                     processed.push(Processed::rejected(envelope_reject(&e)));
                     continue;
                 }
                 // A blocking-pool thread may wait on the runtime.
-                let slot = runtime
+                let cpu = runtime
                     .block_on(Arc::clone(&slots).acquire_owned())
                     .map_err(|_| NodeError::Stopped)?;
-                let mut p = open_and_commit(&ctx, envelope, now, slot)?;
+                let slot = processed.len();
+                let mut p = open_and_commit(&ctx, envelope, now, cpu, &mut carry, slot)?;
                 last = last.max(p.not_yet_durable.take());
                 processed.push(p);
+            }
+            // Write what is staged, and apply what the writes found.
+            carry.flush(&ctx.storage)?;
+            last = last.max(carry.pending);
+            for (staged, outcome) in carry.settled.into_iter().zip(carry.outcomes) {
+                let Some(p) = processed.get_mut(staged.slot) else {
+                    continue;
+                };
+                match outcome {
+                    IncomingOutcome::New { .. } => p.new_message = staged.message,
+                    IncomingOutcome::Duplicate | IncomingOutcome::DuplicateMessage => {
+                        if let DirectResponse::Accepted { duplicate, .. } = &mut p.response {
+                            *duplicate = true;
+                        }
+                    }
+                }
             }
             // One sync for the whole batch (or, if one is running, an async wait for it).
             let pending = match last {
@@ -2140,36 +2158,108 @@ fn seal_and_commit(
     Ok(Sealed::Committed(sealed, pending))
 }
 
-/// Open an inbound envelope on copies of the stored state and commit everything it changed in
-/// one batch; return once that is on disk. A duplicate is acknowledged without changes (once
-/// its first copy is on disk).
+/// Consecutive envelopes of one request from the same sender: that sender's lock held, its
+/// session state carried in memory from one envelope to the next, their commits staged for one
+/// write ([`Storage::commit_incoming_many`]). Flushed when an envelope of another sender comes,
+/// before an envelope that needs the prekey lock, and at the end of the request; at most one
+/// peer's lock is held at a time (taken after the CPU slot was given back, as always).
+#[derive(Default)]
+struct Carry {
+    sender: Option<PublicIdentity>,
+    guard: Option<OwnedMutexGuard<()>>,
+    /// The sender's session state after the staged envelopes.
+    record: Option<SessionRecord>,
+    staged: Vec<Staged>,
+    /// What the flushes wrote, for `Messenger::process_batch` to apply to the results.
+    settled: Vec<Staged>,
+    /// What the flushes wrote, per staged envelope, in the order of `settled`.
+    outcomes: Vec<IncomingOutcome>,
+    /// The last write of the flushes.
+    pending: Option<PendingWrite>,
+}
+
+/// An opened envelope whose commit is staged in a [`Carry`].
+#[derive(Debug)]
+struct Staged {
+    /// Its place in the request.
+    slot: usize,
+    envelope_id: [u8; 32],
+    message: Option<StoredMessage>,
+}
+
+impl Carry {
+    fn has_staged(&self, envelope_id: &[u8; 32]) -> bool {
+        self.staged.iter().any(|s| s.envelope_id == *envelope_id)
+    }
+
+    /// Write the staged envelopes and the sender's session state in one batch (not yet
+    /// durable: see `pending`), and release the sender's lock.
+    fn flush(&mut self, storage: &Storage) -> Result<(), NodeError> {
+        let staged = std::mem::take(&mut self.staged);
+        let record = self.record.take();
+        let sender = self.sender.take();
+        if let (Some(sender), Some(record), false) = (sender, record, staged.is_empty()) {
+            let session_bytes = record.to_wire().map_err(wire_err("session record"))?;
+            let entries: Vec<(&[u8; 32], Option<&StoredMessage>)> = staged
+                .iter()
+                .map(|s| (&s.envelope_id, s.message.as_ref()))
+                .collect();
+            let (outcomes, pending) =
+                storage.commit_incoming_many(&sender, &session_bytes, None, None, &entries)?;
+            self.pending = self.pending.max(Some(pending));
+            self.outcomes.extend(outcomes);
+            self.settled.extend(staged);
+        }
+        self.guard = None;
+        Ok(())
+    }
+}
+
+/// Open an inbound envelope of a request on copies of the stored state and stage its commit in
+/// `carry` (or, for a message that starts a session, commit it at once with the prekeys and
+/// the replay cache); the caller flushes `carry` and waits for the sync. A duplicate is
+/// acknowledged without changes (once its first copy is on disk).
 ///
 /// First try without the prekey lock: the envelope is opened, then the sender's lock is taken
-/// and its session loaded. Only a message that starts a new session changes the prekeys and the
-/// replay cache; such a message, or one refused for a reason that depends on them, is processed
-/// again from the start under the prekey lock, so that their updates never race.
+/// (or found held by `carry`) and its session loaded (or carried). Only a message that starts
+/// a new session changes the prekeys and the replay cache; such a message, or one refused for a
+/// reason that depends on them, is processed again from the start under the prekey lock, so
+/// that their updates never race.
 fn open_and_commit(
     ctx: &OpenContext,
     envelope: &Envelope,
     now: u64,
     cpu_slot: OwnedSemaphorePermit,
+    carry: &mut Carry,
+    slot: usize,
 ) -> Result<Processed, NodeError> {
     let envelope_id = envelope.id();
+    if carry.has_staged(&envelope_id) {
+        // A copy earlier in this request: durable with the request's write.
+        return Ok(Processed::duplicate(envelope_id));
+    }
     if ctx.storage.seen(&envelope_id)? {
         drop(cpu_slot);
         ctx.storage.sync_barrier()?;
         return Ok(Processed::duplicate(envelope_id));
     }
     let mut cpu_slot = Some(cpu_slot);
-    if let Some(processed) =
-        try_open_and_commit(ctx, envelope, envelope_id, now, false, &mut cpu_slot)?
-    {
+    if let Some(processed) = try_open_and_commit(
+        ctx,
+        envelope,
+        envelope_id,
+        now,
+        Some((&mut *carry, slot)),
+        &mut cpu_slot,
+    )? {
         return Ok(processed);
     }
-    // Rare (first messages): the second opening runs without a CPU slot.
+    // Rare (first messages): the second opening runs without a CPU slot, and without the
+    // carried lock (the prekey lock comes first).
     drop(cpu_slot);
+    carry.flush(&ctx.storage)?;
     let _prekeys = ctx.prekey_lock.blocking_lock();
-    try_open_and_commit(ctx, envelope, envelope_id, now, true, &mut None)?.ok_or_else(|| {
+    try_open_and_commit(ctx, envelope, envelope_id, now, None, &mut None)?.ok_or_else(|| {
         NodeError::Crypto {
             reason: "invariant: processing under the prekey lock always ends".into(),
         }
@@ -2187,16 +2277,18 @@ fn depends_on_prekeys(e: &SessionError) -> bool {
     )
 }
 
-/// One try of [`open_and_commit`]. Without `exclusive` (the prekey lock is not held), `None`
-/// when the envelope needs the prekey lock.
+/// One try of [`open_and_commit`]. With a `carry` (the prekey lock is not held), the commit is
+/// staged there, and `None` comes back when the envelope needs the prekey lock; without one
+/// (`exclusive`: the prekey lock is held), it is committed at once.
 fn try_open_and_commit(
     ctx: &OpenContext,
     envelope: &Envelope,
     envelope_id: [u8; 32],
     now: u64,
-    exclusive: bool,
+    mut carry: Option<(&mut Carry, usize)>,
     cpu_slot: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<Option<Processed>, NodeError> {
+    let exclusive = carry.is_none();
     let storage = &ctx.storage;
     let accepted = |duplicate| DirectResponse::Accepted {
         envelope_id,
@@ -2228,7 +2320,23 @@ fn try_open_and_commit(
         // sender's lock. The expensive part is done: give the CPU slot back first (it is
         // never held while waiting for a peer's lock).
         drop(cpu_slot.take());
-        peer_guard = Some(ctx.peer_locks.get(sender).blocking_lock_owned());
+        let mut carried = None;
+        match carry.as_mut() {
+            Some((c, _)) if c.sender == Some(*sender) && c.record.is_some() => {
+                // The lock is held since an earlier envelope of this request.
+                carried = c.record.clone();
+            }
+            Some((c, _)) => {
+                // Another sender: write what is staged and let its lock go first.
+                if let Err(e) = c.flush(storage) {
+                    load_error = Some(e);
+                    return None;
+                }
+                c.guard = Some(ctx.peer_locks.get(sender).blocking_lock_owned());
+                c.sender = Some(*sender);
+            }
+            None => peer_guard = Some(ctx.peer_locks.get(sender).blocking_lock_owned()),
+        }
         // Another copy of this envelope may have been committed while we opened it.
         match storage.seen(&envelope_id) {
             Ok(false) => {}
@@ -2241,8 +2349,16 @@ fn try_open_and_commit(
                 return None;
             }
         }
+        if carried.is_some() {
+            return carried;
+        }
         match load_session(storage, sender) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                if let Some((c, _)) = carry.as_mut() {
+                    c.record = Some(r.clone());
+                }
+                Some(r)
+            }
             Err(e) => {
                 load_error = Some(e);
                 None
@@ -2314,10 +2430,7 @@ fn try_open_and_commit(
     } else {
         (false, Vec::new(), false, Vec::new())
     };
-    let session_bytes = received
-        .record
-        .to_wire()
-        .map_err(wire_err("session record"))?;
+    let session_after = received.record;
 
     let (message, receipt, malformed) = match Content::decode(&received.plaintext) {
         Ok(Content::Text {
@@ -2361,34 +2474,52 @@ fn try_open_and_commit(
             (None, None, true)
         }
     };
-    let (outcome, pending) = storage.commit_incoming_pending(
-        &envelope_id,
-        &sender,
-        &session_bytes,
-        prekeys_changed.then_some(new_prekeys.as_slice()),
-        replay_changed.then_some(new_replay.as_slice()),
-        message.as_ref(),
-    )?;
-    if new_session {
-        // A new partner (or a new session with one): recognise its pair envelopes.
-        ctx.pair_keys.partners_changed();
-    }
-    // The next envelope from this sender is decrypted while this one waits for the disk: the
-    // sync is left to the caller (`Messenger::process_batch`, once per batch), which answers
-    // only once the commit is durable.
-    drop(peer_guard);
     let mut processed = Processed {
         response: accepted(false),
         sender: Some(sender),
         new_message: None,
         status_changes: Vec::new(),
         prekeys_changed,
-        not_yet_durable: Some(pending),
+        not_yet_durable: None,
     };
-    match outcome {
-        IncomingOutcome::New { .. } => processed.new_message = message,
-        IncomingOutcome::Duplicate | IncomingOutcome::DuplicateMessage => {
-            processed.response = accepted(true);
+    match carry.as_mut() {
+        // Staged: written with the sender's other envelopes of this request; the outcome
+        // (new, or a message id seen before) is applied by `Messenger::process_batch`.
+        Some((c, slot)) => {
+            c.record = Some(session_after);
+            c.staged.push(Staged {
+                slot: *slot,
+                envelope_id,
+                message,
+            });
+        }
+        None => {
+            let session_bytes = session_after
+                .to_wire()
+                .map_err(wire_err("session record"))?;
+            let (outcome, pending) = storage.commit_incoming_pending(
+                &envelope_id,
+                &sender,
+                &session_bytes,
+                prekeys_changed.then_some(new_prekeys.as_slice()),
+                replay_changed.then_some(new_replay.as_slice()),
+                message.as_ref(),
+            )?;
+            if new_session {
+                // A new partner (or a new session with one): recognise its pair envelopes.
+                ctx.pair_keys.partners_changed();
+            }
+            // The next envelope from this sender is decrypted while this one waits for the
+            // disk: the sync is left to the caller (`Messenger::process_batch`, once per
+            // request), which answers only once the commit is durable.
+            drop(peer_guard);
+            processed.not_yet_durable = Some(pending);
+            match outcome {
+                IncomingOutcome::New { .. } => processed.new_message = message,
+                IncomingOutcome::Duplicate | IncomingOutcome::DuplicateMessage => {
+                    processed.response = accepted(true);
+                }
+            }
         }
     }
     if let Some((kind, ids)) = receipt {

@@ -54,6 +54,7 @@
 //! Direction bytes: `0` incoming, `1` outgoing.
 
 use std::{
+    collections::HashSet,
     fmt, fs,
     io::ErrorKind as IoErrorKind,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
@@ -1606,6 +1607,32 @@ impl Storage {
         replay_bytes: Option<&[u8]>,
         message: Option<&StoredMessage>,
     ) -> Result<(IncomingOutcome, PendingWrite), StorageError> {
+        let (mut outcomes, pending) = self.commit_incoming_many(
+            sender,
+            session_bytes,
+            prekeys_bytes,
+            replay_bytes,
+            &[(envelope_id, message)],
+        )?;
+        let outcome = outcomes.pop().ok_or(StorageError::Inconsistent(
+            "one envelope committed gave no outcome",
+        ))?;
+        Ok((outcome, pending))
+    }
+
+    /// [`Storage::commit_incoming_pending`] for several envelopes from `sender` opened one after
+    /// the other from one session state: `session_bytes` is the state after the last of them.
+    /// One batch, all or nothing; an outcome per envelope, in order (an envelope seen before, in
+    /// the database or earlier in `envelopes`, is a [`IncomingOutcome::Duplicate`] and changes
+    /// nothing).
+    pub fn commit_incoming_many(
+        &self,
+        sender: &PublicIdentity,
+        session_bytes: &[u8],
+        prekeys_bytes: Option<&[u8]>,
+        replay_bytes: Option<&[u8]>,
+        envelopes: &[(&[u8; 32], Option<&StoredMessage>)],
+    ) -> Result<(Vec<IncomingOutcome>, PendingWrite), StorageError> {
         Self::check_blob("session", session_bytes)?;
         if let Some(b) = prekeys_bytes {
             Self::check_blob("prekey secrets", b)?;
@@ -1613,27 +1640,50 @@ impl Storage {
         if let Some(b) = replay_bytes {
             Self::check_blob("replay cache", b)?;
         }
-        if let Some(m) = message {
-            if m.direction != Direction::In || m.peer != *sender {
-                return Err(StorageError::Inconsistent(
-                    "commit_incoming needs an incoming message from `sender`",
-                ));
+        for (_, message) in envelopes {
+            if let Some(m) = message {
+                if m.direction != Direction::In || m.peer != *sender {
+                    return Err(StorageError::Inconsistent(
+                        "commit_incoming needs an incoming message from `sender`",
+                    ));
+                }
+                Self::check_message(m)?;
             }
-            Self::check_message(m)?;
         }
         let _guard = self.lock();
-        if self.seen(envelope_id)? {
-            return Ok((
-                IncomingOutcome::Duplicate,
-                PendingWrite(self.sync_state().written),
-            ));
-        }
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.cf(CF_SEEN),
-            envelope_id,
-            encode("seen mark", &StoredCounter { value: now_ms() })?,
-        );
+        let mut seen_here: HashSet<[u8; 32]> = HashSet::new();
+        let mut keys_here: HashSet<Vec<u8>> = HashSet::new();
+        let mut outcomes = Vec::with_capacity(envelopes.len());
+        // Messages to store, in order, with the position of their outcome.
+        let mut to_store: Vec<(usize, &StoredMessage)> = Vec::new();
+        for (envelope_id, message) in envelopes {
+            if seen_here.contains(*envelope_id) || self.seen(envelope_id)? {
+                outcomes.push(IncomingOutcome::Duplicate);
+                continue;
+            }
+            seen_here.insert(**envelope_id);
+            batch.put_cf(
+                self.cf(CF_SEEN),
+                envelope_id,
+                encode("seen mark", &StoredCounter { value: now_ms() })?,
+            );
+            let mut outcome = IncomingOutcome::New { index: None };
+            if let Some(m) = message {
+                let key = message_key(sender, Direction::In, &m.id);
+                if keys_here.contains(&key) || self.get(CF_MESSAGES, &key)?.is_some() {
+                    outcome = IncomingOutcome::DuplicateMessage;
+                } else {
+                    keys_here.insert(key);
+                    to_store.push((outcomes.len(), m));
+                }
+            }
+            outcomes.push(outcome);
+        }
+        if seen_here.is_empty() {
+            // Every envelope was processed before: nothing to write.
+            return Ok((outcomes, PendingWrite(self.sync_state().written)));
+        }
         batch.put_cf(self.cf(CF_SESSIONS), sender.as_bytes(), session_bytes);
         if let Some(b) = prekeys_bytes {
             batch.put_cf(self.cf(CF_IDENTITY), KEY_PREKEYS, b);
@@ -1641,21 +1691,16 @@ impl Storage {
         if let Some(b) = replay_bytes {
             batch.put_cf(self.cf(CF_REPLAY), KEY_REPLAY, b);
         }
-        let mut outcome = IncomingOutcome::New { index: None };
-        if let Some(m) = message {
-            if self
-                .get(CF_MESSAGES, &message_key(sender, Direction::In, &m.id))?
-                .is_some()
-            {
-                outcome = IncomingOutcome::DuplicateMessage;
-            } else {
-                outcome = IncomingOutcome::New {
-                    index: Some(self.stage_message(&mut batch, m)?),
+        if !to_store.is_empty() {
+            let first = self.stage_messages(&mut batch, to_store.iter().map(|(_, m)| *m))?;
+            for (k, (at, _)) in to_store.iter().enumerate() {
+                outcomes[*at] = IncomingOutcome::New {
+                    index: Some(first + k as u64),
                 };
             }
         }
-        let pending = self.write_pending(batch, false, "committing an incoming envelope")?;
-        Ok((outcome, pending))
+        let pending = self.write_pending(batch, false, "committing incoming envelopes")?;
+        Ok((outcomes, pending))
     }
 
     fn read_message_at(&self, key: &[u8]) -> Result<Option<MessageRecord>, StorageError> {

@@ -914,6 +914,66 @@ async fn pair_envelopes_open_by_their_routing_key_and_older_sealed_ones_still_do
         .expect("answer");
     assert!(accepted(&answer), "{:?}", parse_response(&answer));
     assert_eq!(next_message(&mut b_events).await.body, "four");
+
+    // Several of Sam's pair envelopes in one request (opened one after the other on the
+    // session state carried from the previous one, written together), with a forged one and a
+    // copy among them: each answered in its place, each message shown once, in order.
+    let mut pair_message = |seq, body: &str| {
+        seal_pair_message(
+            &mut record,
+            &b_public,
+            &key,
+            route,
+            t,
+            3600,
+            &text(seq, body),
+            &mut OsRng,
+        )
+        .expect("seal")
+    };
+    let five = pair_message(5, "five");
+    let six = pair_message(6, "six");
+    let seven = pair_message(7, "seven");
+    let answer = raw_request(
+        &mut raw,
+        b_peer,
+        &b.addr,
+        batch(&[five.clone(), six.clone(), forged, six.clone(), seven.clone()]),
+    )
+    .await
+    .expect("answer");
+    let accepted_as = |e: &Envelope, duplicate| DirectResponse::Accepted {
+        envelope_id: e.id(),
+        duplicate,
+    };
+    assert_eq!(
+        parse_reply(&answer),
+        DirectReply::Each(vec![
+            accepted_as(&five, false),
+            accepted_as(&six, false),
+            DirectResponse::Rejected {
+                reason: RejectReason::Undecryptable
+            },
+            accepted_as(&six, true),
+            accepted_as(&seven, false),
+        ])
+    );
+    for body in ["five", "six", "seven"] {
+        assert_eq!(next_message(&mut b_events).await.body, body);
+    }
+    // Written for good: a copy in a later request is a duplicate, and the next message opens
+    // on the state the request left.
+    let answer = raw_request(&mut raw, b_peer, &b.addr, send(&six))
+        .await
+        .expect("answer");
+    assert_eq!(parse_response(&answer), accepted_as(&six, true));
+    let eight = pair_message(8, "eight");
+    let answer = raw_request(&mut raw, b_peer, &b.addr, send(&eight))
+        .await
+        .expect("answer");
+    assert!(accepted(&answer), "{:?}", parse_response(&answer));
+    assert_eq!(next_message(&mut b_events).await.body, "eight");
+    assert_eq!(incoming(b.handle.storage(), &sam.public()).len(), 8);
     boot.handle.shutdown().await;
 }
 
