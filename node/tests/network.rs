@@ -938,7 +938,13 @@ async fn pair_envelopes_open_by_their_routing_key_and_older_sealed_ones_still_do
         &mut raw,
         b_peer,
         &b.addr,
-        batch(&[five.clone(), six.clone(), forged, six.clone(), seven.clone()]),
+        batch(&[
+            five.clone(),
+            six.clone(),
+            forged,
+            six.clone(),
+            seven.clone(),
+        ]),
     )
     .await
     .expect("answer");
