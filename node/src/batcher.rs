@@ -1,11 +1,12 @@
 //! Outgoing direct requests, batched per peer (`docs/protocol.md`, "Direct delivery").
 //!
-//! Every envelope for a libp2p peer joins that peer's queue. At most
-//! [`REQUESTS_PER_PEER`] request is in flight to a peer; it takes along every queued
-//! envelope that fits one request ([`DirectRequest::fits`]), in queue order. So a lone
-//! message leaves at once, alone (no waiting for company), and messages that arrive while a
-//! request is in flight go out together in the next one: under load, one stream, one frame
-//! and one sync at the recipient serve many messages.
+//! Every envelope for a libp2p peer joins that peer's queue. One request is in flight to a
+//! peer, and a second only while [`SECOND_REQUEST_AT`] or more envelopes wait; each takes
+//! along every queued envelope that fits one request ([`DirectRequest::fits`]), in queue
+//! order. So a lone message leaves at once, alone (no waiting for company), and messages that
+//! arrive while a request is in flight go out together in the next one: under load, one
+//! stream, one frame and one sync at the recipient serve many messages, and with a full queue
+//! the recipient opens the next batch while it syncs the previous one.
 //!
 //! ```text
 //! send(peer, envelope) ─► queue[peer] ─► a free request slot? ─► spawn a drainer
@@ -30,13 +31,18 @@ use crate::{
     event_loop::{LoopStopped, NetClient},
 };
 
-/// Direct requests in flight to one peer at once. One: everything that queues up meanwhile goes
-/// in the next request, so the batches are as large as the load makes them. Measured with 64
-/// sends in flight (`MESHCHAT_BENCH_PROFILE=5000`, two runs each): 1 request gave 6,300
-/// messages/s at 0.12 syncs per message, 2 gave 5,600-6,100 at 0.20, 4 gave 5,200-5,400 at
-/// 0.28 (`docs/performance.md`). The cost: envelopes for a peer wait behind its request in
-/// flight (up to the request timeout if the peer stalls).
-pub(crate) const REQUESTS_PER_PEER: usize = 1;
+/// Direct requests in flight to one peer at once: the second only with a full queue
+/// ([`SECOND_REQUEST_AT`]). Everything that queues up meanwhile goes in the next request, so
+/// the batches are as large as the load makes them. Measured with 64 sends in flight
+/// (`MESHCHAT_BENCH_PROFILE=5000`, `docs/performance.md`): always up to 2 or 4 requests made
+/// the batches smaller and the throughput lower than 1; a second one only beside 32 waiting
+/// envelopes gave 8,774-9,592 messages/s against 8,044-8,865 for 1. The cost: envelopes for a
+/// peer wait behind its requests in flight (up to the request timeout if the peer stalls).
+pub(crate) const REQUESTS_PER_PEER: usize = 2;
+
+/// A second request goes out only while at least this many envelopes wait (a drainer that finds
+/// fewer beside another request in flight leaves them to that one).
+const SECOND_REQUEST_AT: usize = 32;
 
 /// One envelope waiting for a request.
 #[derive(Debug)]
@@ -85,7 +91,9 @@ impl Batcher {
                 addrs,
                 reply,
             });
-            let start = queue.in_flight < REQUESTS_PER_PEER;
+            let start = queue.in_flight == 0
+                || (queue.in_flight < REQUESTS_PER_PEER
+                    && queue.waiting.len() >= SECOND_REQUEST_AT);
             if start {
                 queue.in_flight += 1;
             }
@@ -148,7 +156,12 @@ impl Batcher {
         };
         let mut batch = Vec::new();
         let mut used = 0;
+        let small = queue.in_flight > 1 && queue.waiting.len() < SECOND_REQUEST_AT;
         while let Some(next) = queue.waiting.front() {
+            if small {
+                // Another request is in flight: it takes these when it is answered.
+                break;
+            }
             if next.reply.is_closed() {
                 // Its sender gave up waiting (and will retry or store it elsewhere).
                 queue.waiting.pop_front();
@@ -246,6 +259,32 @@ mod tests {
         // Nothing left: the slot is given back and the peer forgotten.
         assert!(batcher.take(&peer).is_empty());
         assert!(batcher.queues().is_empty());
+    }
+
+    #[test]
+    fn a_second_request_takes_only_a_full_queue() {
+        let batcher = Batcher::default();
+        let peer = PeerId::random();
+        let _answers = queue(
+            &batcher,
+            peer,
+            (0..SECOND_REQUEST_AT - 1).map(|i| envelope(i as u8, 300)),
+        );
+        // Two requests in flight, fewer envelopes waiting than a second one is for: this
+        // drainer leaves them to the other request and gives its slot back.
+        batcher.queues().get_mut(&peer).expect("queued").in_flight = 2;
+        assert!(batcher.take(&peer).is_empty());
+        assert_eq!(batcher.queues()[&peer].in_flight, 1);
+        // The one left in flight takes them all.
+        assert_eq!(batcher.take(&peer).len(), SECOND_REQUEST_AT - 1);
+        // With a full queue, a second request takes its share at once.
+        let _more = queue(
+            &batcher,
+            peer,
+            (0..SECOND_REQUEST_AT).map(|i| envelope(i as u8, 300)),
+        );
+        batcher.queues().get_mut(&peer).expect("queued").in_flight = 2;
+        assert_eq!(batcher.take(&peer).len(), SECOND_REQUEST_AT);
     }
 
     #[test]
