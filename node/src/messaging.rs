@@ -653,21 +653,16 @@ impl Messenger {
                 }
                 std::mem::take(&mut due.0)
             };
+            let ids: Vec<[u8; 16]> = due.iter().map(|(_, id)| *id).collect();
             let storage = self.storage.clone();
-            let written = blocking(move || {
-                let changed = storage.mark_delivered_many(&due);
-                Ok((due, changed))
-            })
-            .await;
-            let Ok((due, changed)) = written else {
-                return;
-            };
-            match changed {
+            match blocking(move || Ok(storage.mark_delivered_many(&due)?)).await {
                 Ok(changed) => changed.iter().for_each(|m| self.emit_status(m)),
+                // Unmarked, their outbox entries stay: the outbox loop resends them and the
+                // recipient acknowledges the copies as duplicates.
                 Err(e) => tracing::warn!(error = %e, "marking delivered messages failed"),
             }
             let mut in_flight = lock(&self.in_flight);
-            for (_, id) in &due {
+            for id in &ids {
                 in_flight.remove(id);
             }
         }
@@ -1693,21 +1688,7 @@ impl Messenger {
                 processed.push(p);
             }
             // Write what is staged, and apply what the writes found.
-            carry.flush(&ctx.storage)?;
-            last = last.max(carry.pending);
-            for (staged, outcome) in carry.settled.into_iter().zip(carry.outcomes) {
-                let Some(p) = processed.get_mut(staged.slot) else {
-                    continue;
-                };
-                match outcome {
-                    IncomingOutcome::New { .. } => p.new_message = staged.message,
-                    IncomingOutcome::Duplicate | IncomingOutcome::DuplicateMessage => {
-                        if let DirectResponse::Accepted { duplicate, .. } = &mut p.response {
-                            *duplicate = true;
-                        }
-                    }
-                }
-            }
+            last = last.max(carry.finish(&ctx.storage, &mut processed)?);
             // One sync for the whole batch (or, if one is running, an async wait for it).
             let pending = match last {
                 Some(pending) => ctx.storage.sync_unless_busy(pending)?,
@@ -2170,10 +2151,8 @@ struct Carry {
     /// The sender's session state after the staged envelopes.
     record: Option<SessionRecord>,
     staged: Vec<Staged>,
-    /// What the flushes wrote, for `Messenger::process_batch` to apply to the results.
-    settled: Vec<Staged>,
-    /// What the flushes wrote, per staged envelope, in the order of `settled`.
-    outcomes: Vec<IncomingOutcome>,
+    /// What the flushes wrote, each staged envelope with its outcome (see [`Carry::finish`]).
+    settled: Vec<(Staged, IncomingOutcome)>,
     /// The last write of the flushes.
     pending: Option<PendingWrite>,
 }
@@ -2207,11 +2186,35 @@ impl Carry {
             let (outcomes, pending) =
                 storage.commit_incoming_many(&sender, &session_bytes, None, None, &entries)?;
             self.pending = self.pending.max(Some(pending));
-            self.outcomes.extend(outcomes);
-            self.settled.extend(staged);
+            self.settled.extend(staged.into_iter().zip(outcomes));
         }
         self.guard = None;
         Ok(())
+    }
+
+    /// Flush, and complete the results of the staged envelopes (`processed`, by their slots)
+    /// with what the writes found: the new message, or that it was a duplicate. Returns the
+    /// last write.
+    fn finish(
+        mut self,
+        storage: &Storage,
+        processed: &mut [Processed],
+    ) -> Result<Option<PendingWrite>, NodeError> {
+        self.flush(storage)?;
+        for (staged, outcome) in self.settled {
+            let Some(p) = processed.get_mut(staged.slot) else {
+                continue;
+            };
+            match outcome {
+                IncomingOutcome::New { .. } => p.new_message = staged.message,
+                IncomingOutcome::Duplicate | IncomingOutcome::DuplicateMessage => {
+                    if let DirectResponse::Accepted { duplicate, .. } = &mut p.response {
+                        *duplicate = true;
+                    }
+                }
+            }
+        }
+        Ok(self.pending)
     }
 }
 

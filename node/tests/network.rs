@@ -542,6 +542,14 @@ fn parse_reply(raw: &[u8]) -> DirectReply {
     DirectReply::from_wire(&raw[4..]).expect("a direct reply")
 }
 
+/// The answer that acknowledges `envelope` (a `duplicate` or not).
+fn accepted_envelope(envelope: &Envelope, duplicate: bool) -> DirectResponse {
+    DirectResponse::Accepted {
+        envelope_id: envelope.id(),
+        duplicate,
+    }
+}
+
 /// The answer to the one envelope of a request.
 fn parse_response(raw: &[u8]) -> DirectResponse {
     match parse_reply(raw) {
@@ -624,22 +632,18 @@ async fn a_batch_is_answered_envelope_by_envelope_and_bad_batches_as_a_whole() {
     let answer = raw_request(&mut mallory, b_peer, &b.addr, request)
         .await
         .expect("answered");
-    let accepted = |e: &Envelope, duplicate| DirectResponse::Accepted {
-        envelope_id: e.id(),
-        duplicate,
-    };
     assert_eq!(
         parse_reply(&answer),
         DirectReply::Each(vec![
-            accepted(&from_dave, false),
+            accepted_envelope(&from_dave, false),
             DirectResponse::Rejected {
                 reason: RejectReason::Undecryptable
             },
             DirectResponse::Rejected {
                 reason: RejectReason::Expired
             },
-            accepted(&from_dave, true),
-            accepted(&from_erin, false),
+            accepted_envelope(&from_dave, true),
+            accepted_envelope(&from_erin, false),
         ])
     );
     let mut bodies = vec![
@@ -948,20 +952,16 @@ async fn pair_envelopes_open_by_their_routing_key_and_older_sealed_ones_still_do
     )
     .await
     .expect("answer");
-    let accepted_as = |e: &Envelope, duplicate| DirectResponse::Accepted {
-        envelope_id: e.id(),
-        duplicate,
-    };
     assert_eq!(
         parse_reply(&answer),
         DirectReply::Each(vec![
-            accepted_as(&five, false),
-            accepted_as(&six, false),
+            accepted_envelope(&five, false),
+            accepted_envelope(&six, false),
             DirectResponse::Rejected {
                 reason: RejectReason::Undecryptable
             },
-            accepted_as(&six, true),
-            accepted_as(&seven, false),
+            accepted_envelope(&six, true),
+            accepted_envelope(&seven, false),
         ])
     );
     for body in ["five", "six", "seven"] {
@@ -972,7 +972,7 @@ async fn pair_envelopes_open_by_their_routing_key_and_older_sealed_ones_still_do
     let answer = raw_request(&mut raw, b_peer, &b.addr, send(&six))
         .await
         .expect("answer");
-    assert_eq!(parse_response(&answer), accepted_as(&six, true));
+    assert_eq!(parse_response(&answer), accepted_envelope(&six, true));
     let eight = pair_message(8, "eight");
     let answer = raw_request(&mut raw, b_peer, &b.addr, send(&eight))
         .await
