@@ -338,6 +338,8 @@ pub(crate) struct Messenger {
     /// is never held while waiting for a peer's lock (so no cycle can form with those locks).
     cpu_slots: Arc<Semaphore>,
     publish_lock: Mutex<()>,
+    /// What the last finished publication round did (whoever started it).
+    last_publication: StdMutex<Option<PublishReport>>,
     publish_kick: Notify,
     outbox_kick: Notify,
     in_flight: StdMutex<HashSet<[u8; 16]>>,
@@ -466,6 +468,7 @@ impl Messenger {
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
             publish_lock: Mutex::new(()),
+            last_publication: StdMutex::new(None),
             publish_kick: Notify::new(),
             outbox_kick: Notify::new(),
             in_flight: StdMutex::new(HashSet::new()),
@@ -1928,7 +1931,13 @@ impl Messenger {
             }
         }
         tracing::debug!(?report, "published records");
+        *lock(&self.last_publication) = Some(report.clone());
         Ok(report)
+    }
+
+    /// What the last finished publication round did, if one finished.
+    pub(crate) fn last_publication(&self) -> Option<PublishReport> {
+        lock(&self.last_publication).clone()
     }
 
     async fn put(

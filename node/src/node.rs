@@ -470,6 +470,12 @@ impl NodeHandle {
         self.inner.messenger.publish_all().await
     }
 
+    /// What the node's last finished publication round did (its own rounds run at start, when
+    /// contacts or addresses change and before records expire), without starting one.
+    pub fn last_publication(&self) -> Option<PublishReport> {
+        self.inner.messenger.last_publication()
+    }
+
     /// Mark incoming messages from `peer` as read and tell the sender (a read receipt, sent
     /// directly; best effort).
     pub async fn mark_read(

@@ -646,33 +646,34 @@ impl Cluster {
         .collect()
     }
 
-    /// Node `i` publishes its prekey bundle and its presence records now, until every record
-    /// reached the DHT (or `limit` passes); whether they did.
-    pub async fn publish(&self, i: usize, limit: Duration) -> Result<bool, ClusterError> {
+    /// Wait until node `i`'s own publication rounds (it runs one whenever its contacts change)
+    /// have put its prekey bundle and a presence record for each of its `contacts` contacts in
+    /// the DHT, or `limit` passes; whether they did. Starts no round of its own: a forced
+    /// round beside the node's would publish every record twice.
+    pub async fn wait_published(
+        &self,
+        i: usize,
+        contacts: usize,
+        limit: Duration,
+    ) -> Result<bool, ClusterError> {
         let handle = self
             .handle(i)
             .await
             .ok_or(ClusterError::NotRunning { node: i })?;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let began = tokio::time::Instant::now();
-            let report = handle
-                .publish_records()
-                .await
-                .map_err(|source| ClusterError::Node { node: i, source })?;
-            tracing::debug!(
-                node = i,
-                ms = began.elapsed().as_millis() as u64,
-                ?report,
-                "records published"
-            );
-            if report.bundle_published && report.presence_failed == 0 {
-                return Ok(true);
+            if let Some(report) = handle.last_publication() {
+                if report.bundle_published
+                    && report.presence_failed == 0
+                    && report.presence_published >= contacts
+                {
+                    return Ok(true);
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(false);
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

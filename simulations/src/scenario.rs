@@ -324,8 +324,8 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
         r?;
     }
     drop(befriended);
-    // Publish the presence records for the new contacts now rather than at the next round,
-    // so that the first messages can go directly. A slow node holds up only its own slot.
+    // Each node publishes presence records for its new contact as soon as it has it; wait for
+    // that (the first messages can then go directly). A slow node holds up only its own slot.
     let mut unpublished = 0;
     let publishers: Vec<usize> = if one_to_one {
         (0..params.nodes).collect()
@@ -333,8 +333,9 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
         Vec::new()
     };
     let mut published = futures::stream::iter(publishers.iter())
-        .map(|&i| cluster.publish(i, Duration::from_secs(10)))
-        .buffer_unordered(SETUP_PARALLEL);
+        .map(|&i| cluster.wait_published(i, 1, Duration::from_secs(10)))
+        // Waiting costs nothing: wait for every node at once.
+        .buffer_unordered(publishers.len().max(1));
     let mut progress = Progress::new(0);
     while let Some(r) = published.next().await {
         unpublished += usize::from(!r?);
