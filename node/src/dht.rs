@@ -296,4 +296,37 @@ mod tests {
             Err(RecordRejected::StoreFull)
         );
     }
+
+    /// Kademlia's closest-peer iterator (libp2p-kad is patched in from vendor/libp2p-kad, which
+    /// changed how it fills its buffer) yields every peer of the routing table once, closest
+    /// first, exactly as a full sort of the table does.
+    #[test]
+    fn closest_local_peers_come_closest_first_and_each_once() {
+        use libp2p::{
+            kad::{self, store::MemoryStore, KBucketKey, RoutingUpdate},
+            Multiaddr,
+        };
+
+        let local = PeerId::random();
+        let mut kad = kad::Behaviour::new(local, MemoryStore::new(local));
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("multiaddr");
+        let mut peers = Vec::new();
+        for _ in 0..400 {
+            let peer = PeerId::random();
+            if matches!(kad.add_address(&peer, addr.clone()), RoutingUpdate::Success) {
+                peers.push(peer);
+            }
+        }
+        assert!(peers.len() > 40, "several buckets filled: {}", peers.len());
+        for _ in 0..50 {
+            let target = KBucketKey::from(PeerId::random());
+            let got: Vec<PeerId> = kad
+                .get_closest_local_peers(&target)
+                .map(|k| *k.preimage())
+                .collect();
+            let mut want = peers.clone();
+            want.sort_by_key(|p| target.distance(&KBucketKey::from(*p)));
+            assert_eq!(got, want);
+        }
+    }
 }
