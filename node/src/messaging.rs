@@ -2006,15 +2006,17 @@ fn random_id() -> [u8; 16] {
 /// A peer writes to our pair mailboxes only once we have written to it (before that it uses
 /// the first-contact mailbox), and we write only on a session, so a contact we have no session
 /// with holds nothing in the pair mailboxes of past epochs. Not looking there saves a DHT
-/// lookup and FETCHes per epoch, about 30 per contact each time a new contact is added.
+/// lookup and FETCHes per epoch, about 30 per such contact in every round that looks back the
+/// whole TTL (the first after start, and any before a replica has answered).
 fn watched_mailboxes(
     storage: &Storage,
     identity: &Identity,
     since: Option<u64>,
     now: u64,
 ) -> Result<Vec<(MailboxKeys, bool)>, NodeError> {
+    // One scan of the sessions (it reads every record) serves both questions.
     let with_session: HashSet<PublicIdentity> = storage.session_peers()?.into_iter().collect();
-    let peers = partners(storage)?;
+    let peers = partners_with(storage, &with_session)?;
     let oldest = addressing::epoch(now.saturating_sub(u64::from(MAX_TTL_SECS)));
     let since = since.map_or(oldest, |t| {
         addressing::epoch(t.saturating_sub(MAX_CLOCK_SKEW_SECS))
@@ -2092,12 +2094,20 @@ fn seal_content(
 
 /// Everyone we may share a pair mailbox with: contacts and peers we have a session with.
 fn partners(storage: &Storage) -> Result<Vec<PublicIdentity>, NodeError> {
+    partners_with(storage, &storage.session_peers()?.into_iter().collect())
+}
+
+/// [`partners`], given the peers we have a session with (read by the caller).
+fn partners_with(
+    storage: &Storage,
+    with_session: &HashSet<PublicIdentity>,
+) -> Result<Vec<PublicIdentity>, NodeError> {
     let mut peers: Vec<PublicIdentity> = storage
         .contacts()?
         .into_iter()
         .map(|c| c.identity)
         .collect();
-    peers.extend(storage.session_peers()?);
+    peers.extend(with_session.iter().copied());
     peers.sort();
     peers.dedup();
     Ok(peers)

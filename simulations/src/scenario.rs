@@ -325,7 +325,7 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     }
     drop(befriended);
     // Each node publishes presence records for its new contact as soon as it has it; wait for
-    // that (the first messages can then go directly). A slow node holds up only its own slot.
+    // that (the first messages can then go directly), at most 10 s per node, all at once.
     let mut unpublished = 0;
     let publishers: Vec<usize> = if one_to_one {
         (0..params.nodes).collect()
