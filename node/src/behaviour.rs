@@ -63,7 +63,9 @@ pub(crate) struct Behaviour {
     /// Only on home servers (`meshchat serve`).
     pub(crate) relay_server: Toggle<relay::Behaviour>,
     pub(crate) dcutr: dcutr::Behaviour,
-    pub(crate) autonat_client: autonat::v2::client::Behaviour,
+    /// Not on nodes that listen on the memory transport alone
+    /// ([`NodeConfig::listens_only_in_memory`]).
+    pub(crate) autonat_client: Toggle<autonat::v2::client::Behaviour>,
     /// Only on nodes that may be dialled back (home servers, DHT servers).
     pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour>,
     /// Only when enabled ([`NodeConfig::mdns`]).
@@ -165,7 +167,9 @@ impl Behaviour {
             relay_client,
             relay_server,
             dcutr: dcutr::Behaviour::new(peer_id),
-            autonat_client: autonat::v2::client::Behaviour::default(),
+            autonat_client: Toggle::from(
+                (!config.listens_only_in_memory()).then(autonat::v2::client::Behaviour::default),
+            ),
             autonat_server,
             mdns,
         })

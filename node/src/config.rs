@@ -93,6 +93,19 @@ impl NodeConfig {
     pub fn force_dht_server(&self) -> bool {
         self.dht_server || self.lan_only || self.home_server
     }
+
+    /// Whether the node listens on the in-process memory transport alone (the simulations).
+    /// Such a node does not test its reachability with AutoNAT: all it could test are the
+    /// ephemeral `/memory/` ports it is observed at, a new candidate with every connection,
+    /// which servers dial back in vain.
+    pub fn listens_only_in_memory(&self) -> bool {
+        use libp2p::multiaddr::Protocol;
+        !self.listen.is_empty()
+            && self
+                .listen
+                .iter()
+                .all(|a| matches!(a.iter().next(), Some(Protocol::Memory(_))))
+    }
 }
 
 /// Default for [`NodeConfig::send_timeout`].
@@ -213,6 +226,17 @@ mod tests {
             ..NodeConfig::new("/tmp/x")
         };
         assert!(lan.force_dht_server());
+        assert!(!c.listens_only_in_memory());
+        let sim = NodeConfig {
+            listen: vec!["/memory/0".parse().unwrap()],
+            ..NodeConfig::new("/tmp/x")
+        };
+        assert!(sim.listens_only_in_memory());
+        let nowhere = NodeConfig {
+            listen: Vec::new(),
+            ..NodeConfig::new("/tmp/x")
+        };
+        assert!(!nowhere.listens_only_in_memory());
     }
 
     #[test]
