@@ -1863,8 +1863,12 @@ impl Messenger {
                     addrs.mark_unchanged();
                 },
             }
+            let result = self.publish_all().await;
+            // Waits count from the end of the round, which can itself take as long as a DHT
+            // query may (20 s): counted from its start, the first retries (2, 4, 8 s) would
+            // follow at once, and a node short of DHT peers would publish without pause.
             let now = tokio::time::Instant::now();
-            match self.publish_all().await {
+            match result {
                 Ok(report) if report.complete() => {
                     failures = 0;
                     next = now + REPUBLISH_INTERVAL.min(until_next_epoch());
