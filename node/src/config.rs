@@ -228,7 +228,7 @@ mod tests {
         assert!(lan.force_dht_server());
         assert!(!c.listens_only_in_memory());
         let sim = NodeConfig {
-            listen: vec!["/memory/0".parse().unwrap()],
+            listen: vec!["/memory/0".parse().expect("a memory multiaddr")],
             ..NodeConfig::new("/tmp/x")
         };
         assert!(sim.listens_only_in_memory());
