@@ -4,7 +4,10 @@
 //!   NodeHandle / messaging tasks            EventLoop (owns the Swarm)
 //!   ---------------------------            ----------------------------------------------
 //!   NetClient::get_record ---Command-----> kad.get_record   -> pending_get[QueryId]
-//!   NetClient::put_record ---Command-----> kad.put_record   -> pending_put[QueryId]
+//!   NetClient::put_record ---Command-----> store locally, kad.get_closest_peers
+//!                                           -> pending_put_lookup[QueryId]
+//!                                          then kad.put_record_to(those peers)
+//!                                           -> pending_put[QueryId]
 //!   NetClient::send_batch ---Command-----> direct.send_request -> pending_send[RequestId]
 //!        <------------------oneshot------- reply when the query / request completes
 //!   inbound worker <--mpsc (bounded)------ direct request (envelopes + ResponseChannel)
@@ -22,6 +25,7 @@
 
 use std::{
     collections::{hash_map::Entry, HashMap, VecDeque},
+    num::NonZeroUsize,
     time::{Duration, Instant},
 };
 
@@ -149,6 +153,7 @@ pub(crate) enum Command {
     },
     ClosestPeers {
         key: Vec<u8>,
+        count: NonZeroUsize,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
     MailboxRequest {
@@ -251,10 +256,16 @@ impl NetClient {
             .map_err(|_| LoopStopped)
     }
 
-    /// The peers closest to `key` in the DHT (Kademlia `get_closest_peers`, this node
-    /// excluded), closest first.
-    pub(crate) async fn closest_peers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, LoopStopped> {
-        self.call(|reply| Command::ClosestPeers { key, reply })
+    /// The `count` peers closest to `key` in the DHT (fewer if the DHT has fewer; this node
+    /// excluded), closest first. The lookup ends once those `count` have answered, so asking
+    /// for the few a caller uses costs fewer requests than Kademlia's default of 20.
+    pub(crate) async fn closest_peers(
+        &self,
+        key: Vec<u8>,
+        count: usize,
+    ) -> Result<Vec<PeerId>, LoopStopped> {
+        let count = NonZeroUsize::new(count).unwrap_or(NonZeroUsize::MIN);
+        self.call(|reply| Command::ClosestPeers { key, count, reply })
             .await
     }
 
@@ -321,6 +332,8 @@ pub(crate) struct EventLoop {
     dht_server: bool,
     pending_get: HashMap<kad::QueryId, PendingGet>,
     pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), String>>>,
+    /// Puts still looking up the peers to store on (see `Command::PutRecord`).
+    pending_put_lookup: HashMap<kad::QueryId, (kad::Record, oneshot::Sender<Result<(), String>>)>,
     pending_send: HashMap<OutboundRequestId, oneshot::Sender<Result<DirectReply, String>>>,
     pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     pending_closest: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
@@ -381,6 +394,7 @@ pub(crate) fn new(
         dht_server,
         pending_get: HashMap::new(),
         pending_put: HashMap::new(),
+        pending_put_lookup: HashMap::new(),
         pending_send: HashMap::new(),
         pending_dial: HashMap::new(),
         pending_closest: HashMap::new(),
@@ -576,15 +590,18 @@ impl EventLoop {
                     },
                 );
             }
-            Command::PutRecord { record, reply } => {
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .put_record(record, kad::Quorum::One)
-                {
-                    Ok(id) => {
-                        self.pending_put.insert(id, reply);
+            Command::PutRecord { mut record, reply } => {
+                // Kademlia's own `put_record` stores nowhere when its lookup runs out of time
+                // (on a busy DHT, most of them did). Instead: store locally as it would, look
+                // up the closest peers, and store on those the lookup found — after a timeout
+                // too, on the closest it had reached by then.
+                use libp2p::kad::store::RecordStore;
+                record.publisher = Some(*self.swarm.local_peer_id());
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                match kad.store_mut().put(record.clone()) {
+                    Ok(()) => {
+                        let id = kad.get_closest_peers(record.key.to_vec());
+                        self.pending_put_lookup.insert(id, (record, reply));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(format!("local store refused the record: {e}")));
@@ -635,8 +652,12 @@ impl EventLoop {
                 }
             }
             Command::Strike { peer, reason } => self.strike(peer, &reason),
-            Command::ClosestPeers { key, reply } => {
-                let id = self.swarm.behaviour_mut().kad.get_closest_peers(key);
+            Command::ClosestPeers { key, count, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_n_closest_peers(key, count);
                 self.pending_closest.insert(id, reply);
             }
             Command::MailboxRequest {
@@ -859,8 +880,20 @@ impl EventLoop {
                         Ok(ok) => ok.peers,
                         Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                     };
-                    if let Some(reply) = self.pending_closest.remove(&id) {
-                        let _ = reply.send(peers.into_iter().map(|p| p.peer_id).collect());
+                    let peers: Vec<PeerId> = peers.into_iter().map(|p| p.peer_id).collect();
+                    if let Some((record, reply)) = self.pending_put_lookup.remove(&id) {
+                        if peers.is_empty() {
+                            let _ = reply.send(Err("no DHT peers to store the record on".into()));
+                        } else {
+                            let put = self.swarm.behaviour_mut().kad.put_record_to(
+                                record,
+                                peers.into_iter(),
+                                kad::Quorum::One,
+                            );
+                            self.pending_put.insert(put, reply);
+                        }
+                    } else if let Some(reply) = self.pending_closest.remove(&id) {
+                        let _ = reply.send(peers);
                     }
                 }
                 kad::QueryResult::Bootstrap(Ok(_)) => {}

@@ -1043,7 +1043,11 @@ impl Messenger {
         let expected = envelope.id();
         let peers = self
             .net
-            .closest_peers(envelope.routing_key.to_vec())
+            // One more than needed, in case this node is among them.
+            .closest_peers(
+                envelope.routing_key.to_vec(),
+                self.mailbox.replicas.max(1) + 1,
+            )
             .await
             .map_err(|_| "the node is shutting down".to_owned())?;
         let peers: Vec<PeerId> = peers
@@ -1149,7 +1153,10 @@ impl Messenger {
     ) -> Result<(usize, usize, usize, u64), NodeError> {
         let peers = self
             .net
-            .closest_peers(keys.id().to_vec())
+            .closest_peers(
+                keys.id().to_vec(),
+                self.mailbox.replicas.max(1).saturating_mul(2) + 1,
+            )
             .await
             .map_err(stopped)?;
         let peers: Vec<PeerId> = peers

@@ -271,7 +271,11 @@ impl Service {
     pub(crate) async fn hand_over(&self, leaving: bool) -> usize {
         let mut copies = 0;
         for mailbox in self.store.mailboxes() {
-            let Ok(closest) = self.net.closest_peers(mailbox.to_vec()).await else {
+            let Ok(closest) = self
+                .net
+                .closest_peers(mailbox.to_vec(), self.config.replicas + 1)
+                .await
+            else {
                 return copies;
             };
             let targets: Vec<PeerId> = closest

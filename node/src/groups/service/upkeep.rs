@@ -151,13 +151,14 @@ impl GroupService {
             .and_then(Result::ok)
             .unwrap_or_default();
         let mut answered = !out.is_empty();
-        let Ok(peers) = self.net.closest_peers(id.to_vec()).await else {
+        let wanted = COLLECT_REPLICAS.min(self.mailbox.replicas.max(1));
+        let Ok(peers) = self.net.closest_peers(id.to_vec(), wanted + 1).await else {
             return (answered, out);
         };
         let peers: Vec<PeerId> = peers
             .into_iter()
             .filter(|p| *p != self.peer_id)
-            .take(COLLECT_REPLICAS.min(self.mailbox.replicas.max(1)))
+            .take(wanted)
             .collect();
         let fetched = futures::future::join_all(peers.iter().map(|peer| async move {
             let mut got = Vec::new();
