@@ -519,6 +519,8 @@ async fn warm_up(ctx: &mut Ctx) -> Vec<String> {
             .collect();
         let mut ids = Vec::new();
         let mut refused = 0;
+        // Why sends failed (and were tried again), by error text.
+        let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
         while !todo.is_empty() {
             let cluster = Arc::clone(&ctx.cluster);
             let sem = Arc::clone(&ctx.in_flight);
@@ -537,7 +539,16 @@ async fn warm_up(ctx: &mut Ctx) -> Vec<String> {
             let mut again = Vec::new();
             for (from, to, r) in results.into_iter().flatten() {
                 match (&r.result, r.message_id) {
-                    (SendResult::Error(_), _) | (_, None) => again.push((from, to)),
+                    (SendResult::Error(e), _) => {
+                        // One line per kind of error, not per user it names.
+                        let kind: Vec<&str> = e
+                            .split_whitespace()
+                            .map(|w| if w.starts_with("mc1") { "<user>" } else { w })
+                            .collect();
+                        *errors.entry(kind.join(" ")).or_default() += 1;
+                        again.push((from, to));
+                    }
+                    (_, None) => again.push((from, to)),
                     (SendResult::Failed(why), _) => {
                         refused += 1;
                         tracing::warn!("node {to} refused the {name} of node {from}: {why}");
@@ -558,6 +569,12 @@ async fn warm_up(ctx: &mut Ctx) -> Vec<String> {
             notes.push(format!(
                 "{refused} {name} messages refused by the recipient"
             ));
+        }
+        for (error, n) in &errors {
+            notes.push(format!(
+                "{n} {name} sends failed and were tried again: {error}"
+            ));
+            tracing::info!("warm-up: {}", notes.last().map_or("", |s| s.as_str()));
         }
         while !ctx.journal.all_received(&ids) {
             if Instant::now() > deadline {
