@@ -256,8 +256,8 @@ impl NetClient {
             .map_err(|_| LoopStopped)
     }
 
-    /// The `count` peers closest to `key` in the DHT (fewer if the DHT has fewer; this node
-    /// excluded), closest first. The lookup ends once those `count` have answered, so asking
+    /// The `count` peers closest to `key` in the DHT (fewer if the DHT has fewer), closest
+    /// first; never this node (Kademlia leaves the local peer out of every query's results). The lookup ends once those `count` have answered, so asking
     /// for the few a caller uses costs fewer requests than Kademlia's default of 20.
     pub(crate) async fn closest_peers(
         &self,

@@ -1043,18 +1043,9 @@ impl Messenger {
         let expected = envelope.id();
         let peers = self
             .net
-            // One more than needed, in case this node is among them.
-            .closest_peers(
-                envelope.routing_key.to_vec(),
-                self.mailbox.replicas.max(1) + 1,
-            )
+            .closest_peers(envelope.routing_key.to_vec(), self.mailbox.replicas.max(1))
             .await
             .map_err(|_| "the node is shutting down".to_owned())?;
-        let peers: Vec<PeerId> = peers
-            .into_iter()
-            .filter(|p| *p != self.peer_id)
-            .take(self.mailbox.replicas.max(1))
-            .collect();
         if peers.is_empty() {
             return Err("no DHT peers to hold the mailbox".into());
         }
@@ -1155,15 +1146,10 @@ impl Messenger {
             .net
             .closest_peers(
                 keys.id().to_vec(),
-                self.mailbox.replicas.max(1).saturating_mul(2) + 1,
+                self.mailbox.replicas.max(1).saturating_mul(2),
             )
             .await
             .map_err(stopped)?;
-        let peers: Vec<PeerId> = peers
-            .into_iter()
-            .filter(|p| *p != self.peer_id)
-            .take(self.mailbox.replicas.max(1).saturating_mul(2))
-            .collect();
         let results = futures::future::join_all(
             peers
                 .iter()

@@ -244,7 +244,6 @@ impl Node {
             Arc::new(replica_store),
             net.clone(),
             config.mailbox.clone(),
-            local_peer_id,
         ));
         let (pushed_tx, pushed_rx) = tokio::sync::mpsc::channel(event_loop::INBOUND_CAPACITY);
 

@@ -53,7 +53,6 @@ pub(crate) struct Service {
     config: Config,
     rate: StdMutex<RateLimiter<PeerId>>,
     subscriptions: StdMutex<HashMap<[u8; 32], HashMap<PeerId, Instant>>>,
-    me: PeerId,
 }
 
 /// Resolves once the node is stopping.
@@ -66,12 +65,7 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Service {
-    pub(crate) fn new(
-        store: Arc<ReplicaStore>,
-        net: NetClient,
-        config: Config,
-        me: PeerId,
-    ) -> Self {
+    pub(crate) fn new(store: Arc<ReplicaStore>, net: NetClient, config: Config) -> Self {
         let rate = RateLimiter::new(config.limits.stores_per_minute, config.limits.store_burst);
         Self {
             store,
@@ -79,7 +73,6 @@ impl Service {
             config,
             rate: StdMutex::new(rate),
             subscriptions: StdMutex::new(HashMap::new()),
-            me,
         }
     }
 
@@ -271,18 +264,13 @@ impl Service {
     pub(crate) async fn hand_over(&self, leaving: bool) -> usize {
         let mut copies = 0;
         for mailbox in self.store.mailboxes() {
-            let Ok(closest) = self
+            let Ok(targets) = self
                 .net
-                .closest_peers(mailbox.to_vec(), self.config.replicas + 1)
+                .closest_peers(mailbox.to_vec(), self.config.replicas)
                 .await
             else {
                 return copies;
             };
-            let targets: Vec<PeerId> = closest
-                .into_iter()
-                .filter(|p| *p != self.me)
-                .take(self.config.replicas)
-                .collect();
             let store = Arc::clone(&self.store);
             let now = unix_now();
             let envelopes =

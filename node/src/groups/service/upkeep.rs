@@ -152,14 +152,9 @@ impl GroupService {
             .unwrap_or_default();
         let mut answered = !out.is_empty();
         let wanted = COLLECT_REPLICAS.min(self.mailbox.replicas.max(1));
-        let Ok(peers) = self.net.closest_peers(id.to_vec(), wanted + 1).await else {
+        let Ok(peers) = self.net.closest_peers(id.to_vec(), wanted).await else {
             return (answered, out);
         };
-        let peers: Vec<PeerId> = peers
-            .into_iter()
-            .filter(|p| *p != self.peer_id)
-            .take(wanted)
-            .collect();
         let fetched = futures::future::join_all(peers.iter().map(|peer| async move {
             let mut got = Vec::new();
             let mut after = None;
