@@ -520,6 +520,36 @@ impl Messenger {
         to: PublicIdentity,
         control: meshchat_protocol::GroupControl,
     ) -> Result<[u8; 16], NodeError> {
+        self.send_control_with(to, control, None).await
+    }
+
+    /// What [`Self::send_control_with`] needs to reach `to`: nothing if we have a session with
+    /// them, else their prekey bundle from the DHT (an error if it is not found within the send
+    /// timeout). Lets a caller find out that `to` cannot be reached before it changes anything.
+    pub(crate) async fn control_route(
+        &self,
+        to: &PublicIdentity,
+    ) -> Result<Option<VerifiedBundle>, NodeError> {
+        if *to == self.me {
+            return Err(NodeError::ToSelf);
+        }
+        let storage = self.storage.clone();
+        let who = *to;
+        if blocking(move || Ok(load_session(&storage, &who)?.has_session())).await? {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + self.send_timeout;
+        self.fetch_bundle(to, deadline).await.map(Some)
+    }
+
+    /// [`Self::send_control`] with the bundle [`Self::control_route`] found (used only if there
+    /// is still no session with `to`).
+    pub(crate) async fn send_control_with(
+        self: &Arc<Self>,
+        to: PublicIdentity,
+        control: meshchat_protocol::GroupControl,
+        bundle: Option<VerifiedBundle>,
+    ) -> Result<[u8; 16], NodeError> {
         if to == self.me {
             return Err(NodeError::ToSelf);
         }
@@ -527,7 +557,7 @@ impl Messenger {
         let id = random_id();
         let content = Content::Group(control);
         lock(&self.in_flight).insert(id);
-        let sealed = match self.seal_control_once(to, id, &content, None).await {
+        let sealed = match self.seal_control_once(to, id, &content, bundle).await {
             Ok(Some(envelope)) => Ok(envelope),
             Ok(None) => match self.fetch_bundle(&to, deadline).await {
                 Ok(bundle) => self

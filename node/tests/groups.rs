@@ -1057,3 +1057,46 @@ async fn group_requests_over_the_control_protocol() {
     let r = control(friend, ControlRequest::GroupList).await;
     assert_eq!(r, [ControlResponse::End]);
 }
+
+/// An invitation that cannot be sent (the invitee's prekey bundle is nowhere in the network)
+/// fails without adding the invitee: the group stays as it was, so nobody hands a sender chain
+/// to a member who never got an invitation; the same invitation once the invitee is reachable
+/// adds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invitation_that_cannot_be_sent_adds_nobody() {
+    let (boot, users) = users(1).await;
+    let admin = &users[0].handle;
+    let view = admin.group_create("unsent").await.expect("create");
+
+    // Someone who has never run a node: no bundle to be found.
+    let home = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::generate(&mut OsRng);
+    let err = admin
+        .group_invite(&view.id, &identity.public())
+        .await
+        .expect_err("no bundle anywhere");
+    assert!(
+        matches!(err, meshchat_node::NodeError::NoBundle { .. }),
+        "{err}"
+    );
+    let members = admin.group_members(&view.id).await.expect("members");
+    assert_eq!(members.len(), 1, "nobody was added: {members:?}");
+
+    // The same person starts a node: now the invitation goes out and adds them.
+    Storage::open(home.path())
+        .expect("open storage")
+        .save_identity(&identity)
+        .expect("save identity");
+    let config = config(home.path(), vec![boot.addr.clone()]);
+    let invitee = start_in(home, identity, config).await;
+    publish(&invitee, 0).await;
+    let mut events = invitee.handle.subscribe();
+    admin
+        .group_invite(&view.id, &invitee.identity.public())
+        .await
+        .expect("invite once reachable");
+    let code = next_invite(&mut events).await;
+    invitee.handle.group_join(&code).await.expect("join");
+    let members = admin.group_members(&view.id).await.expect("members");
+    assert_eq!(members.len(), 2, "{members:?}");
+}

@@ -213,6 +213,9 @@ enum HoldReason {
     Epoch,
     /// An earlier message of the same chain is missing (for a moment).
     Gap,
+    /// A membership op lies too far beyond the ops we have; the ops between are on their way
+    /// (the group mailbox).
+    Ops,
 }
 
 #[derive(Debug)]
@@ -573,6 +576,9 @@ impl GroupService {
         }
         let rec = self.resolve(group).await?;
         let gid = rec.state.id();
+        // Reachable first (a session, or a prekey bundle found): an invitation that cannot be
+        // sent must not leave the contact added to the group.
+        let route = self.messenger.control_route(contact).await?;
         let (sealed, rec) = if rec.state.is_member(contact) {
             (None, rec)
         } else {
@@ -606,7 +612,7 @@ impl GroupService {
             received_at_ms: now_ms,
         };
         self.messenger
-            .send_control(*contact, GroupControl::Invite(invite))
+            .send_control_with(*contact, GroupControl::Invite(invite), route)
             .await?;
         tracing::info!(group = %gid, invitee = %contact.user_id(), "invited a member");
         Ok(view)

@@ -183,25 +183,13 @@ impl GroupService {
                 verified: true,
             });
         }
-        let reported = match origin {
-            Some((id, source)) => self
-                .net
-                .group_report_blocking(id.clone(), *source, MessageAcceptance::Accept, "")
-                .is_ok(),
-            None => false,
-        };
+        // An op is folded in before anything is reported or committed: one that lies beyond
+        // the ops we have (we joined from an older snapshot, or missed some) is held, not
+        // consumed. Marking it seen would make the group mailbox collection skip it for good,
+        // and every op after it would wait for it forever.
         let now_ms = unix_now_ms();
-        let mut batch = Batch::default();
-        batch.put(store::receiver_key(&gid, &key_id), "receiver chain", &chain)?;
-        batch.put(
-            store::seen_key(&gid, &envelope_id),
-            "seen envelope",
-            &SeenEnvelope {
-                via: arrival.via(),
-                at_ms: now_ms,
-            },
-        )?;
         let mut effects = Effects::default();
+        let mut state_changed = false;
         let message = match plaintext.body {
             GroupBody::Text(body) if plaintext.author != self.me => Some(StoredMessage {
                 id: plaintext.id.0,
@@ -218,10 +206,18 @@ impl GroupService {
             GroupBody::Op(op) => {
                 match self.apply_op(&mut rec, &op) {
                     Ok(e) => {
-                        if e.changed || e.left || e.rekey {
-                            batch.put_group(&rec)?;
-                        }
+                        state_changed = e.changed || e.left || e.rekey;
                         effects = e;
+                    }
+                    Err(GroupError::Gap { have, got }) => {
+                        // Authentic (forwarded), but not applicable yet: the ops between are
+                        // in the group mailbox.
+                        tracing::debug!(group = %gid, have, got, "membership op ahead of ours held");
+                        self.note_behind();
+                        return Ok(Opened::Hold {
+                            reason: HoldReason::Ops,
+                            verified: true,
+                        });
                     }
                     Err(e) => {
                         // The message is authentic; the op inside is refused (a member
@@ -232,6 +228,26 @@ impl GroupService {
                 None
             }
         };
+        let reported = match origin {
+            Some((id, source)) => self
+                .net
+                .group_report_blocking(id.clone(), *source, MessageAcceptance::Accept, "")
+                .is_ok(),
+            None => false,
+        };
+        let mut batch = Batch::default();
+        batch.put(store::receiver_key(&gid, &key_id), "receiver chain", &chain)?;
+        batch.put(
+            store::seen_key(&gid, &envelope_id),
+            "seen envelope",
+            &SeenEnvelope {
+                via: arrival.via(),
+                at_ms: now_ms,
+            },
+        )?;
+        if state_changed {
+            batch.put_group(&rec)?;
+        }
         let index = self.store.commit(batch, message.as_ref())?;
         Ok(Opened::Stored {
             message: index.and(message).map(Box::new),
