@@ -26,6 +26,7 @@
 use std::{
     collections::{hash_map::Entry, HashMap, VecDeque},
     num::NonZeroUsize,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -184,6 +185,43 @@ pub(crate) enum Command {
 #[derive(Debug, Clone)]
 pub(crate) struct NetClient {
     tx: mpsc::Sender<Command>,
+    mailbox_slots: Arc<PeerSlots>,
+}
+
+/// Mailbox requests in flight to one peer at most. A replica drops inbound streams beyond its
+/// per-connection limit (`Limits::max_direct_streams`, 32): a member that stores many group
+/// messages in one group mailbox (whose replicas are the same few peers) had its requests above
+/// it dropped ("Dropping inbound stream because we are at capacity") and retried with backoff;
+/// above this limit they wait for a slot instead.
+const MAILBOX_IN_FLIGHT_PER_PEER: usize = 16;
+
+/// One semaphore per peer with mailbox requests in flight (removed when none are).
+#[derive(Debug, Default)]
+struct PeerSlots(std::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>);
+
+impl PeerSlots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<tokio::sync::Semaphore>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn acquire(&self, peer: PeerId) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots =
+            Arc::clone(self.lock().entry(peer).or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(MAILBOX_IN_FLIGHT_PER_PEER))
+            }));
+        slots.acquire_owned().await.ok()
+    }
+
+    fn release(&self, peer: PeerId, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+        drop(permit);
+        let mut map = self.lock();
+        if let Some(s) = map.get(&peer) {
+            // Only the map holds it and nobody is in flight: forget the peer.
+            if Arc::strong_count(s) == 1 && s.available_permits() == MAILBOX_IN_FLIGHT_PER_PEER {
+                map.remove(&peer);
+            }
+        }
+    }
 }
 
 /// The event loop has stopped.
@@ -274,12 +312,16 @@ impl NetClient {
         peer: PeerId,
         request: MailboxRequest,
     ) -> Result<Result<MailboxResponse, String>, LoopStopped> {
-        self.call(|reply| Command::MailboxRequest {
-            peer,
-            request,
-            reply,
-        })
-        .await
+        let permit = self.mailbox_slots.acquire(peer).await;
+        let result = self
+            .call(|reply| Command::MailboxRequest {
+                peer,
+                request,
+                reply,
+            })
+            .await;
+        self.mailbox_slots.release(peer, permit);
+        result
     }
 
     pub(crate) async fn mailbox_respond(
@@ -413,7 +455,11 @@ pub(crate) fn new(
         mailbox: mailbox_rx,
         online: online_rx,
     };
-    (event_loop, NetClient { tx }, inbound_rx, addrs_rx, extras)
+    let net = NetClient {
+        tx,
+        mailbox_slots: Arc::default(),
+    };
+    (event_loop, net, inbound_rx, addrs_rx, extras)
 }
 
 /// The other outputs of the loop: mailbox requests from peers, and a counter that goes up

@@ -695,3 +695,125 @@ async fn the_sender_sees_delivered_once_the_recipient_collected() {
         s.handle.shutdown().await;
     }
 }
+
+/// A swarm like [`raw_swarm`] that also answers requests, taking at most `streams` inbound
+/// streams per connection at once (a node takes 32).
+fn raw_peer(streams: usize) -> Swarm<RawMailbox> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            RawMailbox::new(
+                [(
+                    meshchat_node::mailbox::PROTOCOL,
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(10))
+                    .with_max_concurrent_streams(streams),
+            )
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// A replica pushes a burst of new mail to a subscriber at most 16 requests at a time. Every
+/// node takes 32 inbound streams per connection at once and drops the rest; a replica used to
+/// push each new envelope at once, so a burst of 48 to a subscriber slower than the burst lost
+/// 16 pushes (seen in a 100-member group simulation as "Dropping inbound stream because we are
+/// at capacity"). Here the subscriber has a node's limit and answers each push after 300 ms:
+/// every push arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_pushed_to_a_slow_subscriber_arrives_whole() {
+    const BURST: u32 = 48;
+    let node = start(Vec::new()).await;
+    let keys = MailboxKeys::first_contact(&Identity::generate(&mut OsRng));
+    let mut subscriber = raw_peer(32);
+    let r = ask(
+        &mut subscriber,
+        &node,
+        keys.subscribe(unix_now(), &mut OsRng),
+    )
+    .await;
+    assert_eq!(r, MailboxResponse::Subscribed);
+
+    // Another peer stores the burst, 16 requests at a time (as a node does): the replica stores
+    // them faster than the subscriber takes them.
+    let mut storer = raw_swarm();
+    let peer = node.handle.peer_id();
+    let mut next = 0;
+    let mut store_next = |storer: &mut Swarm<RawMailbox>| {
+        if next < BURST {
+            let mut envelope = junk(0, next);
+            envelope.routing_key = keys.id();
+            storer.behaviour_mut().send_request_with_addresses(
+                &peer,
+                Framed::Value(MailboxRequest::Store { envelope }),
+                vec![node.addr.clone()],
+            );
+            next += 1;
+        }
+    };
+    for _ in 0..16 {
+        store_next(&mut storer);
+    }
+    let mut stored = 0;
+    let mut pushed = 0;
+    let mut waiting: Vec<(Instant, request_response::ResponseChannel<MailboxResponse>)> =
+        Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (pushed < BURST || stored < BURST) && Instant::now() < deadline {
+        tokio::select! {
+            e = storer.select_next_some() => {
+                if let SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                }) = e
+                {
+                    assert!(
+                        matches!(response, MailboxResponse::Stored { duplicate: false, .. }),
+                        "{response:?}"
+                    );
+                    stored += 1;
+                    store_next(&mut storer);
+                }
+            }
+            e = subscriber.select_next_some() => {
+                if let SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Request { request, channel, .. },
+                    ..
+                }) = e
+                {
+                    assert!(matches!(request, Framed::Value(MailboxRequest::Deliver { .. })));
+                    pushed += 1;
+                    waiting.push((Instant::now() + Duration::from_millis(300), channel));
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let (due, later): (Vec<_>, Vec<_>) =
+                    waiting.drain(..).partition(|(at, _)| *at <= now);
+                waiting = later;
+                for (_, channel) in due {
+                    let _ = subscriber.behaviour_mut().send_response(
+                        channel,
+                        MailboxResponse::Stored {
+                            envelope_id: [0; 32],
+                            duplicate: false,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(stored, BURST, "the replica stored the whole burst");
+    assert_eq!(pushed, BURST, "every envelope was pushed to the subscriber");
+    node.handle.shutdown().await;
+}
