@@ -835,6 +835,15 @@ impl GroupState {
         if self.knows(&hash) {
             return Ok(Applied::Duplicate);
         }
+        // Before the signatures: a member far behind retries such an op each time it catches
+        // up a little, and the answer depends on the seq alone.
+        let limit = self.current.seq.saturating_add(MAX_PENDING_OPS as u64);
+        if op.body.seq > limit {
+            return Err(GroupError::Gap {
+                have: self.current.seq,
+                got: op.body.seq,
+            });
+        }
         op.to_wire()?;
         op.verify_signatures()?;
         if op.body.seq < self.base.seq {
@@ -842,13 +851,6 @@ impl GroupState {
         }
         if op.body.seq == self.base.seq {
             return Err(GroupError::Fork);
-        }
-        let limit = self.current.seq.saturating_add(MAX_PENDING_OPS as u64);
-        if op.body.seq > limit {
-            return Err(GroupError::Gap {
-                have: self.current.seq,
-                got: op.body.seq,
-            });
         }
         if let Some(before) = self.roster_at(&op.body.prev) {
             if before.seq.checked_add(1) != Some(op.body.seq) {

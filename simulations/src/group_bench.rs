@@ -400,6 +400,7 @@ pub async fn wait_converged(
     members: usize,
     deadline: Instant,
 ) -> usize {
+    let mut last_report = Instant::now();
     loop {
         let counts = futures::future::join_all(nodes.iter().map(|&i| async move {
             let h = cluster.handle(i).await?;
@@ -410,6 +411,21 @@ pub async fn wait_converged(
         let converged = counts.iter().filter(|c| **c == Some(members)).count();
         if converged == nodes.len() || Instant::now() >= deadline {
             return converged;
+        }
+        if last_report.elapsed() >= Duration::from_secs(30) {
+            // How far behind the others are: the membership sizes they see.
+            let mut seen: Vec<usize> = counts.iter().map(|c| c.unwrap_or(0)).collect();
+            seen.sort_unstable();
+            let at = |q: usize| seen[(seen.len() - 1) * q / 100];
+            tracing::info!(
+                "{converged} of {} see all {members} members; sizes seen: min {}, p10 {}, median {}, p90 {}",
+                nodes.len(),
+                at(0),
+                at(10),
+                at(50),
+                at(90)
+            );
+            last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -120,6 +120,9 @@ const COLLECT_PARALLEL: usize = 4;
 const COLLECT_OVERLAP_SECS: u64 = 3_600;
 /// Collections asked for by signs of being behind the membership are this far apart at least.
 const BEHIND_COLLECT_EVERY: Duration = Duration::from_secs(2);
+/// How often a member that holds membership ops for the ops before them reads the group
+/// mailboxes again.
+const BEHIND_RETRY_EVERY: Duration = Duration::from_secs(10);
 /// Quick rounds after start, join and reconnect (1 s, 2 s, 3 s apart).
 const COLLECT_FOLLOWUPS: u32 = 3;
 /// Seen marks are kept this long (longer than a group envelope lives).
@@ -214,8 +217,8 @@ enum HoldReason {
     /// An earlier message of the same chain is missing (for a moment).
     Gap,
     /// A membership op lies too far beyond the ops we have; the ops between are on their way
-    /// (the group mailbox).
-    Ops,
+    /// (the group mailbox). Worth retrying only once our head has reached `ready_at`.
+    Ops { ready_at: u64 },
 }
 
 #[derive(Debug)]

@@ -38,9 +38,9 @@ pub struct ReplicaLimits {
     pub max_mailbox_bytes: u64,
     /// Bytes all mailboxes together may hold: the disk budget. Default 512 MiB.
     pub max_total_bytes: u64,
-    /// STORE/REPLICATE requests one peer may make per minute, on average. Default 120.
+    /// STORE/REPLICATE requests one peer may make per minute, on average. Default 600.
     pub stores_per_minute: u32,
-    /// How many of them it may make in a burst. Default 60.
+    /// How many of them it may make in a burst. Default 300.
     pub store_burst: u32,
 }
 
@@ -50,8 +50,13 @@ impl Default for ReplicaLimits {
             max_mailbox_envelopes: 1_000,
             max_mailbox_bytes: 16 * 1024 * 1024,
             max_total_bytes: 512 * 1024 * 1024,
-            stores_per_minute: 120,
-            store_burst: 60,
+            // 120 and 60 until 2026-12-06: a member storing a group's membership ops (one per
+            // invitation, all in the same group mailbox, so on the same replicas) was refused
+            // after 60, and the members that had missed those ops over gossipsub stayed behind
+            // for minutes (a 200-member formation). 10 a second from one peer still bounds a
+            // flood; the per-mailbox and disk quotas bound what it can fill.
+            stores_per_minute: 600,
+            store_burst: 300,
         }
     }
 }

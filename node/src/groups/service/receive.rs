@@ -215,7 +215,11 @@ impl GroupService {
                         tracing::debug!(group = %gid, have, got, "membership op ahead of ours held");
                         self.note_behind();
                         return Ok(Opened::Hold {
-                            reason: HoldReason::Ops,
+                            reason: HoldReason::Ops {
+                                ready_at: got.saturating_sub(
+                                    meshchat_protocol::group::MAX_PENDING_OPS as u64,
+                                ),
+                            },
                             verified: true,
                         });
                     }
@@ -409,13 +413,30 @@ impl GroupService {
         // One retry at a time, so held envelopes are taken in chain order.
         let _retrying = self.retry_lock.lock().await;
         for _ in 0..8 {
-            let mut batch: Vec<Held> = {
+            let batch: Vec<Held> = {
                 let mut held = lock(&self.held);
                 let (mine, rest): (Vec<Held>, Vec<Held>) =
                     held.drain(..).partition(|h| h.group == gid);
                 *held = rest;
                 mine
             };
+            if batch.is_empty() {
+                return;
+            }
+            // An op held for the ops before it waits, untouched, until our head is near enough
+            // (retrying it on every change cost a member far behind a quadratic number of
+            // decryptions: 238,598 retries in one 200-member formation).
+            let store = self.store.clone();
+            let epoch = blocking(move || store.group(&gid))
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |r| r.state.epoch());
+            let (waiting, ready): (Vec<Held>, Vec<Held>) = batch.into_iter().partition(
+                |h| matches!(h.reason, HoldReason::Ops { ready_at } if epoch < ready_at),
+            );
+            lock(&self.held).extend(waiting);
+            let mut batch = ready;
             if batch.is_empty() {
                 return;
             }

@@ -91,7 +91,14 @@ impl GroupService {
                 all.insert(e.id(), e);
             }
         }
-        // Skip what was processed; open the rest in each author's order.
+        // Skip what was processed, and what is held already (it is retried when the state
+        // changes); open the rest in each author's order.
+        {
+            let held = lock(&self.held);
+            for h in held.iter().filter(|h| h.group == gid) {
+                all.remove(&h.envelope.id());
+            }
+        }
         let store = self.store.clone();
         let candidates: Vec<Envelope> = all.into_values().collect();
         let mut fresh = blocking(move || {
@@ -192,6 +199,7 @@ impl GroupService {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_slow: Option<Instant> = None;
         let mut last_prune: Option<Instant> = None;
+        let mut last_behind: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -199,6 +207,18 @@ impl GroupService {
                 _ = tick.tick() => {}
             }
             self.expire_held().await;
+            // Still holding ops for the ops before them: the collection that noticed it may
+            // have come before those were in the group mailbox (their stores retry with
+            // backoff), so ask again now and then rather than wait for the periodic round
+            // (in a 200-member formation, 69 members stayed behind for minutes).
+            if last_behind.is_none_or(|t| t.elapsed() >= BEHIND_RETRY_EVERY)
+                && lock(&self.held)
+                    .iter()
+                    .any(|h| matches!(h.reason, HoldReason::Ops { .. }))
+            {
+                last_behind = Some(Instant::now());
+                self.note_behind();
+            }
             if last_slow.is_some_and(|t| t.elapsed() < SLOW_TICK) {
                 continue;
             }
