@@ -419,6 +419,15 @@ async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
 type RawMailbox = request_response::Behaviour<Codec<MailboxRequest, MailboxResponse>>;
 
 fn raw_swarm() -> Swarm<RawMailbox> {
+    raw_mailbox_swarm(request_response::ProtocolSupport::Outbound, 100)
+}
+
+/// A swarm speaking only the mailbox protocol, taking at most `streams` inbound streams per
+/// connection at once (a node takes 32).
+fn raw_mailbox_swarm(
+    support: request_response::ProtocolSupport,
+    streams: usize,
+) -> Swarm<RawMailbox> {
     libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -429,11 +438,10 @@ fn raw_swarm() -> Swarm<RawMailbox> {
         .expect("tcp")
         .with_behaviour(|_| {
             RawMailbox::new(
-                [(
-                    meshchat_node::mailbox::PROTOCOL,
-                    request_response::ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+                [(meshchat_node::mailbox::PROTOCOL, support)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(10))
+                    .with_max_concurrent_streams(streams),
             )
         })
         .expect("behaviour")
@@ -696,33 +704,6 @@ async fn the_sender_sees_delivered_once_the_recipient_collected() {
     }
 }
 
-/// A swarm like [`raw_swarm`] that also answers requests, taking at most `streams` inbound
-/// streams per connection at once (a node takes 32).
-fn raw_peer(streams: usize) -> Swarm<RawMailbox> {
-    libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            RawMailbox::new(
-                [(
-                    meshchat_node::mailbox::PROTOCOL,
-                    request_response::ProtocolSupport::Full,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(10))
-                    .with_max_concurrent_streams(streams),
-            )
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build()
-}
-
 /// A replica pushes a burst of new mail to a subscriber at most 16 requests at a time. Every
 /// node takes 32 inbound streams per connection at once and drops the rest; a replica used to
 /// push each new envelope at once, so a burst of 48 to a subscriber slower than the burst lost
@@ -734,7 +715,7 @@ async fn a_burst_pushed_to_a_slow_subscriber_arrives_whole() {
     const BURST: u32 = 48;
     let node = start(Vec::new()).await;
     let keys = MailboxKeys::first_contact(&Identity::generate(&mut OsRng));
-    let mut subscriber = raw_peer(32);
+    let mut subscriber = raw_mailbox_swarm(request_response::ProtocolSupport::Full, 32);
     let r = ask(
         &mut subscriber,
         &node,
