@@ -188,11 +188,12 @@ pub(crate) struct NetClient {
     mailbox_slots: Arc<PeerSlots>,
 }
 
-/// Mailbox requests in flight to one peer at most. A replica drops inbound streams beyond its
-/// per-connection limit (`Limits::max_direct_streams`, 32): a member that stores many group
-/// messages in one group mailbox (whose replicas are the same few peers) had its requests above
-/// it dropped ("Dropping inbound stream because we are at capacity") and retried with backoff;
-/// above this limit they wait for a slot instead.
+/// Mailbox requests in flight to one peer at most. Every node drops inbound streams beyond its
+/// per-connection limit (`Limits::max_direct_streams`, 32): a replica pushing a burst of new
+/// mail to a subscriber (each envelope at once) lost the pushes above it ("Dropping inbound
+/// stream because we are at capacity", seen in group simulations; test
+/// `a_burst_pushed_to_a_slow_subscriber_arrives_whole`), and so would a member storing a burst
+/// of group messages on the same few replicas. Above this limit requests wait for a slot.
 const MAILBOX_IN_FLIGHT_PER_PEER: usize = 16;
 
 /// One semaphore per peer with mailbox requests in flight (removed when none are).
