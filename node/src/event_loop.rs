@@ -200,26 +200,41 @@ const MAILBOX_IN_FLIGHT_PER_PEER: usize = 16;
 #[derive(Debug, Default)]
 struct PeerSlots(std::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>);
 
+/// A slot for one mailbox request to `peer`; dropping it (also when the request's future is
+/// dropped midway) frees the slot and forgets the peer once nobody holds or awaits one.
+struct MailboxSlot {
+    slots: Arc<PeerSlots>,
+    peer: PeerId,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 impl PeerSlots {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<tokio::sync::Semaphore>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn acquire(&self, peer: PeerId) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let slots =
+    async fn acquire(self: &Arc<Self>, peer: PeerId) -> MailboxSlot {
+        let semaphore =
             Arc::clone(self.lock().entry(peer).or_insert_with(|| {
                 Arc::new(tokio::sync::Semaphore::new(MAILBOX_IN_FLIGHT_PER_PEER))
             }));
-        slots.acquire_owned().await.ok()
+        MailboxSlot {
+            slots: Arc::clone(self),
+            peer,
+            // The semaphore is never closed.
+            permit: semaphore.acquire_owned().await.ok(),
+        }
     }
+}
 
-    fn release(&self, peer: PeerId, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
-        drop(permit);
-        let mut map = self.lock();
-        if let Some(s) = map.get(&peer) {
+impl Drop for MailboxSlot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut map = self.slots.lock();
+        if let Some(s) = map.get(&self.peer) {
             // Only the map holds it and nobody is in flight: forget the peer.
             if Arc::strong_count(s) == 1 && s.available_permits() == MAILBOX_IN_FLIGHT_PER_PEER {
-                map.remove(&peer);
+                map.remove(&self.peer);
             }
         }
     }
@@ -296,8 +311,9 @@ impl NetClient {
     }
 
     /// The `count` peers closest to `key` in the DHT (fewer if the DHT has fewer), closest
-    /// first; never this node (Kademlia leaves the local peer out of every query's results). The lookup ends once those `count` have answered, so asking
-    /// for the few a caller uses costs fewer requests than Kademlia's default of 20.
+    /// first; never this node (Kademlia leaves the local peer out of every query's results).
+    /// The lookup ends once those `count` have answered, so asking for the few a caller uses
+    /// costs fewer requests than Kademlia's default of 20.
     pub(crate) async fn closest_peers(
         &self,
         key: Vec<u8>,
@@ -313,16 +329,13 @@ impl NetClient {
         peer: PeerId,
         request: MailboxRequest,
     ) -> Result<Result<MailboxResponse, String>, LoopStopped> {
-        let permit = self.mailbox_slots.acquire(peer).await;
-        let result = self
-            .call(|reply| Command::MailboxRequest {
-                peer,
-                request,
-                reply,
-            })
-            .await;
-        self.mailbox_slots.release(peer, permit);
-        result
+        let _slot = self.mailbox_slots.acquire(peer).await;
+        self.call(|reply| Command::MailboxRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await
     }
 
     pub(crate) async fn mailbox_respond(
