@@ -917,7 +917,7 @@ impl Storage {
     }
 
     /// Write `batch` (synced or not) and number it for [`Storage::wait_durable`].
-    fn write_pending(
+    pub(crate) fn write_pending(
         &self,
         batch: WriteBatch,
         sync: bool,

@@ -3,7 +3,7 @@
 //! on the closest peers of each mailbox (repair, hand-off). See `docs/protocol.md`, "Mailboxes".
 //!
 //! ```text
-//! event loop --InboundMailbox--> serve() --spawn_blocking--> auth check + ReplicaStore
+//! event loop --InboundMailbox--> serve() --task each, ≤16 at once--> spawn_blocking: auth check + ReplicaStore
 //!                                        <--MailboxRespond--
 //! STORE (new) --> Deliver to subscribers of that mailbox (spawned, best effort)
 //! DELIVER (we are the recipient) --> handed to messaging (crate::messaging) to open
@@ -22,7 +22,7 @@ use meshchat_protocol::{
     envelope::Envelope, mailbox::MAX_FETCH_ENVELOPES, MailboxReject, MailboxRequest,
     MailboxResponse,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::{Config, RateLimiter, ReplicaStore};
 use crate::{
@@ -34,6 +34,8 @@ use crate::{
 pub(crate) const SUBSCRIPTION_SECS: u64 = 600;
 /// Subscriptions held at once (per node); more are refused as `Busy`.
 const MAX_SUBSCRIPTIONS: usize = 4096;
+/// Requests answered at once (each on the blocking pool while it reads or writes).
+const MAX_SERVING: usize = 16;
 /// Replications in flight at once during repair.
 const REPAIR_PARALLEL: usize = 8;
 
@@ -87,6 +89,7 @@ impl Service {
         pushed: mpsc::Sender<Pushed>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let serving = Arc::new(Semaphore::new(MAX_SERVING));
         loop {
             let item = tokio::select! {
                 biased;
@@ -118,16 +121,27 @@ impl Service {
                 }
                 continue;
             }
-            let response = self.handle(peer, request).await;
-            if let MailboxResponse::Refused { reason } = &response {
-                tracing::debug!(%peer, %reason, "refused a mailbox request");
-                if reason.is_hostile() && self.net.strike(peer, reason.to_string()).await.is_err() {
-                    return;
-                }
-            }
-            if self.net.mailbox_respond(channel, response).await.is_err() {
+            // Requests are answered concurrently, up to `MAX_SERVING` at once; beyond that this
+            // loop waits and the event loop's queue fills, then refuses as `Busy`. One at a
+            // time, the 3 replicas of a 200-member group's mailbox refused most of its members'
+            // collections (each request waited for the synced store before it).
+            let Ok(permit) = Arc::clone(&serving).acquire_owned().await else {
                 return;
-            }
+            };
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                let _permit = permit;
+                let response = this.handle(peer, request).await;
+                if let MailboxResponse::Refused { reason } = &response {
+                    tracing::debug!(%peer, %reason, "refused a mailbox request");
+                    if reason.is_hostile()
+                        && this.net.strike(peer, reason.to_string()).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = this.net.mailbox_respond(channel, response).await;
+            });
         }
     }
 

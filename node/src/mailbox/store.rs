@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Counters (envelopes and bytes per mailbox, bytes in total) live in memory and are rebuilt by
-//! a scan at open. Every write is synced before it is acknowledged. The store is synchronous:
+//! a scan at open. Every write is synced before it is acknowledged; concurrent writes share a
+//! sync (group commit). The store is synchronous:
 //! async callers run it on `spawn_blocking`. [`RateLimiter`] is the per-peer token bucket the
 //! mailbox service puts in front of it.
 
@@ -24,9 +25,9 @@ use meshchat_protocol::{
     envelope::{Envelope, EnvelopeError},
     MailboxReject, Wire,
 };
-use rocksdb::{Direction as IterDirection, IteratorMode, WriteBatch, WriteOptions};
+use rocksdb::{Direction as IterDirection, IteratorMode, WriteBatch};
 
-use crate::storage::{Storage, StorageError};
+use crate::storage::{PendingWrite, Storage, StorageError};
 
 /// The replica limits, with their defaults.
 #[derive(Debug, Clone)]
@@ -213,11 +214,20 @@ impl ReplicaStore {
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self, batch: WriteBatch, op: &'static str) -> Result<(), ReplicaError> {
-        let (db, _) = self.storage.replica_cf();
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        db.write_opt(batch, &wo).map_err(db_err(op))
+    /// Write `batch` without waiting for the disk, to be made durable by [`Self::durable`]
+    /// once the counters' lock is released: concurrent requests then share one sync of the
+    /// write-ahead log (group commit, see [`Storage::wait_durable`]) instead of each holding
+    /// the lock across its own.
+    fn write(&self, batch: WriteBatch, op: &'static str) -> Result<PendingWrite, ReplicaError> {
+        self.storage
+            .write_pending(batch, false, op)
+            .map_err(ReplicaError::Storage)
+    }
+
+    fn durable(&self, pending: PendingWrite) -> Result<(), ReplicaError> {
+        self.storage
+            .wait_durable(pending)
+            .map_err(ReplicaError::Storage)
     }
 
     /// Keep `envelope` in the mailbox `envelope.routing_key`, after the keyless envelope checks
@@ -240,6 +250,10 @@ impl ReplicaStore {
             .map_err(db_err("reading a mailbox replica"))?
             .is_some()
         {
+            // Held already, perhaps by a concurrent store whose sync is still running: durable
+            // before it is acknowledged, like a new one.
+            drop(counters);
+            self.storage.sync_barrier().map_err(ReplicaError::Storage)?;
             return Ok(StoreOutcome {
                 envelope_id,
                 duplicate: true,
@@ -272,8 +286,10 @@ impl ReplicaStore {
         }
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, key, &bytes);
-        self.write(batch, "storing a mailbox replica")?;
+        let pending = self.write(batch, "storing a mailbox replica")?;
         counters.add(mailbox, len);
+        drop(counters);
+        self.durable(pending)?;
         Ok(StoreOutcome {
             envelope_id,
             duplicate: false,
@@ -343,10 +359,12 @@ impl ReplicaStore {
         if removed.is_empty() {
             return Ok(0);
         }
-        self.write(batch, "deleting mailbox replicas")?;
+        let pending = self.write(batch, "deleting mailbox replicas")?;
         for (_, len) in &removed {
             counters.remove(mailbox, *len);
         }
+        drop(counters);
+        self.durable(pending)?;
         Ok(u32::try_from(removed.len()).unwrap_or(u32::MAX))
     }
 
@@ -367,12 +385,14 @@ impl ReplicaStore {
         if removed.is_empty() {
             return Ok(0);
         }
-        self.write(batch, "sweeping mailbox replicas")?;
+        let pending = self.write(batch, "sweeping mailbox replicas")?;
         for (key, len) in &removed {
             if let Some((mailbox, _)) = key {
                 counters.remove(mailbox, *len);
             }
         }
+        drop(counters);
+        self.durable(pending)?;
         Ok(removed.len())
     }
 
@@ -476,6 +496,34 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = Storage::open(dir.path()).expect("opens");
         (dir, ReplicaStore::open(storage, limits).expect("store"))
+    }
+
+    #[test]
+    fn concurrent_stores_of_the_same_envelopes_count_each_once_and_share_syncs() {
+        let (_dir, store) = open(ReplicaLimits::default());
+        let store = std::sync::Arc::new(store);
+        let envs: Vec<Envelope> = (0..64).map(|n| envelope(3, n, DEFAULT_TTL_SECS)).collect();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let store = std::sync::Arc::clone(&store);
+                let mut envs = envs.clone();
+                envs.rotate_left(t * 16);
+                std::thread::spawn(move || {
+                    envs.iter()
+                        .filter(|e| !store.store(e, NOW).expect("stored").duplicate)
+                        .count()
+                })
+            })
+            .collect();
+        let new: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+        assert_eq!(new, 64, "each envelope is new to exactly one of the concurrent stores");
+        assert_eq!(store.totals().0, 64);
+        assert_eq!(store.mailbox_totals(&[3; 32]).0, 64);
+        assert_eq!(store.all(&[3; 32], NOW).expect("all").len(), 64);
+        // Acknowledged only once synced, through the shared group commit (the syncs it counts);
+        // 256 stores, at most one sync each.
+        let syncs = store.storage.syncs();
+        assert!((1..=256).contains(&syncs), "{syncs} syncs");
     }
 
     #[test]
