@@ -528,7 +528,27 @@ async fn wait_all(seen: &Seen, key: &[u8], from: usize, members: &[usize], timeo
                 .filter(|m| **m != from)
                 .all(|m| g.contains_key(m))
         });
-        if done || Instant::now() >= deadline {
+        if done {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<usize> = {
+                let seen = lock(seen);
+                let got = seen.get(key);
+                members
+                    .iter()
+                    .copied()
+                    .filter(|m| *m != from && !got.is_some_and(|g| g.contains_key(m)))
+                    .collect()
+            };
+            tracing::info!(
+                "a message from node {from} reached {} of {} members in {:.0} s; missing: {:?}{}",
+                members.len() - 1 - missing.len(),
+                members.len() - 1,
+                timeout.as_secs_f64(),
+                &missing[..missing.len().min(8)],
+                if missing.len() > 8 { " …" } else { "" },
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
