@@ -47,6 +47,7 @@ use tokio::{
     task::JoinSet,
 };
 
+mod closest;
 mod groups;
 mod nat;
 
@@ -392,7 +393,8 @@ pub(crate) struct EventLoop {
     pending_put_lookup: HashMap<kad::QueryId, (kad::Record, oneshot::Sender<Result<(), String>>)>,
     pending_send: HashMap<OutboundRequestId, oneshot::Sender<Result<DirectReply, String>>>,
     pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
-    pending_closest: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
+    /// Closest-peer lookups: remembered for a minute, shared while they run ([`closest`]).
+    closest: closest::Closest<kad::QueryId>,
     pending_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<MailboxResponse, String>>>,
     mailbox_inbound: mpsc::Sender<InboundMailbox>,
     online: watch::Sender<u64>,
@@ -453,7 +455,7 @@ pub(crate) fn new(
         pending_put_lookup: HashMap::new(),
         pending_send: HashMap::new(),
         pending_dial: HashMap::new(),
-        pending_closest: HashMap::new(),
+        closest: closest::Closest::default(),
         pending_mailbox: HashMap::new(),
         mailbox_inbound,
         online,
@@ -713,12 +715,15 @@ impl EventLoop {
             }
             Command::Strike { peer, reason } => self.strike(peer, &reason),
             Command::ClosestPeers { key, count, reply } => {
+                let Some(reply) = self.closest.ask(&key, count.get(), Instant::now(), reply) else {
+                    return;
+                };
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .kad
-                    .get_n_closest_peers(key, count);
-                self.pending_closest.insert(id, reply);
+                    .get_n_closest_peers(key.clone(), count);
+                self.closest.started(id, key, count.get(), reply);
             }
             Command::MailboxRequest {
                 peer,
@@ -836,6 +841,7 @@ impl EventLoop {
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 let relayed = endpoint.is_relayed();
+                tracing::debug!(peer = %peer_id, dialer = endpoint.is_dialer(), "connection established");
                 if self.connections.is_empty() {
                     self.online.send_modify(|n| *n = n.wrapping_add(1));
                 }
@@ -850,8 +856,10 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                cause,
                 ..
             } => {
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
                 if let Entry::Occupied(mut e) = self.connections.entry(peer_id) {
                     e.get_mut().remove(&connection_id);
                     if e.get().is_empty() {
@@ -862,6 +870,7 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
                 if let Some(peer) = peer_id {
+                    self.closest.forget_peer(&peer);
                     for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
                         let _ = reply.send(Err(error.to_string()));
                     }
@@ -912,7 +921,10 @@ impl EventLoop {
                 });
             }
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => match result {
                 kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(r))) => {
                     let enough = if let Some(p) = self.pending_get.get_mut(&id) {
@@ -936,11 +948,17 @@ impl EventLoop {
                     }
                 }
                 kad::QueryResult::GetClosestPeers(result) => {
-                    let peers = match result {
-                        Ok(ok) => ok.peers,
-                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    let (peers, complete) = match result {
+                        Ok(ok) => (ok.peers, true),
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => (peers, false),
                     };
                     let peers: Vec<PeerId> = peers.into_iter().map(|p| p.peer_id).collect();
+                    tracing::debug!(
+                        requests = stats.num_requests(),
+                        took = ?stats.duration(),
+                        found = peers.len(),
+                        "closest-peers lookup done"
+                    );
                     if let Some((record, reply)) = self.pending_put_lookup.remove(&id) {
                         if peers.is_empty() {
                             let _ = reply.send(Err("no DHT peers to store the record on".into()));
@@ -952,8 +970,8 @@ impl EventLoop {
                             );
                             self.pending_put.insert(put, reply);
                         }
-                    } else if let Some(reply) = self.pending_closest.remove(&id) {
-                        let _ = reply.send(peers);
+                    } else {
+                        self.closest.finished(id, peers, complete, Instant::now());
                     }
                 }
                 kad::QueryResult::Bootstrap(Ok(_)) => {}

@@ -516,7 +516,10 @@ mod tests {
             })
             .collect();
         let new: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
-        assert_eq!(new, 64, "each envelope is new to exactly one of the concurrent stores");
+        assert_eq!(
+            new, 64,
+            "each envelope is new to exactly one of the concurrent stores"
+        );
         assert_eq!(store.totals().0, 64);
         assert_eq!(store.mailbox_totals(&[3; 32]).0, 64);
         assert_eq!(store.all(&[3; 32], NOW).expect("all").len(), 64);

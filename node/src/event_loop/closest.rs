@@ -1,0 +1,238 @@
+//! Closest-peer lookups, remembered for a minute and shared while they run.
+//!
+//! Every mailbox operation starts with "the peers closest to this key": storing a message or a
+//! group message, each collection round for each mailbox a user watches (its own, one per
+//! conversation, its groups'), each repair. A Kademlia lookup costs ~24 requests; in a
+//! 120-node group benchmark the nodes made ~110 of them a second, for replica sets that change
+//! only with churn. So a lookup's answer is reused for [`TTL`] by later askers of the same key
+//! (up to as many peers as it found), askers of a key being looked up wait for that lookup
+//! instead of starting another, and an answer naming a peer that can no longer be dialled is
+//! forgotten at once (the next asker looks up afresh).
+
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    time::{Duration, Instant},
+};
+
+use libp2p::PeerId;
+use tokio::sync::oneshot;
+
+/// How long a lookup's answer is reused.
+pub(super) const TTL: Duration = Duration::from_secs(60);
+/// Answers remembered at once; beyond, expired ones are dropped, then all.
+const MAX_CACHED: usize = 4_096;
+
+type Reply = oneshot::Sender<Vec<PeerId>>;
+
+struct Cached {
+    at: Instant,
+    peers: Vec<PeerId>,
+    /// How many peers the lookup asked for: it found all there were up to that many.
+    asked: usize,
+}
+
+struct Running {
+    key: Vec<u8>,
+    count: usize,
+    waiters: Vec<(usize, Reply)>,
+}
+
+/// The cache and the lookups in flight, by query id `Q` (Kademlia's `QueryId`).
+pub(super) struct Closest<Q> {
+    cache: HashMap<Vec<u8>, Cached>,
+    running: HashMap<Q, Running>,
+    by_key: HashMap<Vec<u8>, Q>,
+}
+
+impl<Q: Hash + Eq + Copy> Default for Closest<Q> {
+    fn default() -> Self {
+        Self {
+            cache: HashMap::new(),
+            running: HashMap::new(),
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl<Q: Hash + Eq + Copy> Closest<Q> {
+    /// Answer `reply` from a remembered lookup or join one in flight that asks for at least
+    /// `count`; otherwise hand `reply` back: the caller starts a lookup and calls
+    /// [`Self::started`].
+    pub(super) fn ask(
+        &mut self,
+        key: &[u8],
+        count: usize,
+        now: Instant,
+        reply: Reply,
+    ) -> Option<Reply> {
+        if let Some(c) = self.cache.get(key) {
+            if now.saturating_duration_since(c.at) < TTL
+                && (c.peers.len() >= count || c.asked >= count)
+            {
+                let _ = reply.send(c.peers.iter().take(count).copied().collect());
+                return None;
+            }
+        }
+        if let Some(running) = self
+            .by_key
+            .get(key)
+            .and_then(|id| self.running.get_mut(id))
+            .filter(|r| r.count >= count)
+        {
+            running.waiters.push((count, reply));
+            return None;
+        }
+        Some(reply)
+    }
+
+    /// A lookup for `key` (up to `count` peers) started as query `id`, for `reply`.
+    pub(super) fn started(&mut self, id: Q, key: Vec<u8>, count: usize, reply: Reply) {
+        self.by_key.insert(key.clone(), id);
+        self.running.insert(
+            id,
+            Running {
+                key,
+                count,
+                waiters: vec![(count, reply)],
+            },
+        );
+    }
+
+    /// Query `id` ended with `peers` (closest first); `complete` unless it timed out. Answers
+    /// its askers and remembers a complete, non-empty answer. False if `id` is not a lookup of
+    /// this cache.
+    pub(super) fn finished(
+        &mut self,
+        id: Q,
+        peers: Vec<PeerId>,
+        complete: bool,
+        now: Instant,
+    ) -> bool {
+        let Some(running) = self.running.remove(&id) else {
+            return false;
+        };
+        if self.by_key.get(&running.key) == Some(&id) {
+            self.by_key.remove(&running.key);
+        }
+        for (count, reply) in running.waiters {
+            let _ = reply.send(peers.iter().take(count).copied().collect());
+        }
+        if complete && !peers.is_empty() {
+            if self.cache.len() >= MAX_CACHED {
+                self.cache
+                    .retain(|_, c| now.saturating_duration_since(c.at) < TTL);
+                if self.cache.len() >= MAX_CACHED {
+                    self.cache.clear();
+                }
+            }
+            self.cache.insert(
+                running.key,
+                Cached {
+                    at: now,
+                    peers,
+                    asked: running.count,
+                },
+            );
+        }
+        true
+    }
+
+    /// `peer` could not be dialled: forget every answer that names it.
+    pub(super) fn forget_peer(&mut self, peer: &PeerId) {
+        self.cache.retain(|_, c| !c.peers.contains(peer));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    fn ask(
+        c: &mut Closest<u32>,
+        key: &[u8],
+        count: usize,
+        now: Instant,
+    ) -> (bool, oneshot::Receiver<Vec<PeerId>>, Option<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        let back = c.ask(key, count, now, tx);
+        (back.is_none(), rx, back)
+    }
+
+    #[test]
+    fn an_answer_is_reused_for_a_minute_then_looked_up_again() {
+        let mut c = Closest::default();
+        let t0 = Instant::now();
+        let found = peers(5);
+        let (answered, _rx, reply) = ask(&mut c, b"k", 5, t0);
+        assert!(!answered, "nothing remembered: look it up");
+        c.started(1, b"k".to_vec(), 5, reply.expect("handed back"));
+        assert!(c.finished(1, found.clone(), true, t0));
+        let (answered, mut rx, _) = ask(&mut c, b"k", 3, t0 + Duration::from_secs(59));
+        assert!(answered);
+        assert_eq!(rx.try_recv().expect("answered"), found[..3].to_vec());
+        let (answered, _, _) = ask(&mut c, b"k", 3, t0 + TTL);
+        assert!(!answered, "expired");
+        let (answered, _, _) = ask(&mut c, b"other", 3, t0);
+        assert!(!answered, "per key");
+    }
+
+    #[test]
+    fn more_peers_than_were_asked_for_need_a_new_lookup_unless_there_are_no_more() {
+        let mut c = Closest::default();
+        let t0 = Instant::now();
+        let (_, _, reply) = ask(&mut c, b"k", 3, t0);
+        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"));
+        c.finished(1, peers(3), true, t0);
+        assert!(!ask(&mut c, b"k", 10, t0).0, "asked for 3: more may exist");
+        // A lookup for 10 that found 4: the network has no more; 10 are answered with those.
+        let (_, _, reply) = ask(&mut c, b"small", 10, t0);
+        c.started(2, b"small".to_vec(), 10, reply.expect("handed back"));
+        c.finished(2, peers(4), true, t0);
+        let (answered, mut rx, _) = ask(&mut c, b"small", 10, t0);
+        assert!(answered);
+        assert_eq!(rx.try_recv().expect("answered").len(), 4);
+    }
+
+    #[test]
+    fn askers_during_a_lookup_share_it_and_a_timed_out_or_empty_one_is_not_kept() {
+        let mut c = Closest::default();
+        let t0 = Instant::now();
+        let (_, mut first, reply) = ask(&mut c, b"k", 5, t0);
+        c.started(7, b"k".to_vec(), 5, reply.expect("handed back"));
+        let (joined, mut second, _) = ask(&mut c, b"k", 2, t0);
+        assert!(joined, "waits for the running lookup");
+        assert!(!ask(&mut c, b"k", 6, t0).0, "wants more than it asks for");
+        let found = peers(5);
+        assert!(c.finished(7, found.clone(), false, t0));
+        assert_eq!(first.try_recv().expect("answered"), found);
+        assert_eq!(second.try_recv().expect("answered"), found[..2].to_vec());
+        assert!(
+            !ask(&mut c, b"k", 2, t0).0,
+            "a timed-out lookup is not remembered"
+        );
+        let (_, _, reply) = ask(&mut c, b"k", 2, t0);
+        c.started(8, b"k".to_vec(), 2, reply.expect("handed back"));
+        c.finished(8, Vec::new(), true, t0);
+        assert!(!ask(&mut c, b"k", 2, t0).0, "nor an empty one");
+        assert!(!c.finished(99, Vec::new(), true, t0), "not ours");
+    }
+
+    #[test]
+    fn an_answer_naming_an_undialable_peer_is_forgotten() {
+        let mut c = Closest::default();
+        let t0 = Instant::now();
+        let found = peers(3);
+        let (_, _, reply) = ask(&mut c, b"k", 3, t0);
+        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"));
+        c.finished(1, found.clone(), true, t0);
+        c.forget_peer(&PeerId::random());
+        assert!(ask(&mut c, b"k", 3, t0).0, "another peer: kept");
+        c.forget_peer(&found[1]);
+        assert!(!ask(&mut c, b"k", 3, t0).0, "forgotten");
+    }
+}
