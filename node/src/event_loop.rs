@@ -920,6 +920,7 @@ impl EventLoop {
                     (source, record, held, result)
                 });
             }
+            kad::Event::RoutingUpdated { peer, .. } => self.closest.peer_routed(&peer),
             kad::Event::OutboundQueryProgressed {
                 id,
                 result,

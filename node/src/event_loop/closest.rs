@@ -6,8 +6,10 @@
 //! 120-node group benchmark the nodes made ~110 of them a second, for replica sets that change
 //! only with churn. So a lookup's answer is reused for [`TTL`] by later askers of the same key
 //! (up to as many peers as it found), askers of a key being looked up wait for that lookup
-//! instead of starting another, and an answer naming a peer that can no longer be dialled is
-//! forgotten at once (the next asker looks up afresh).
+//! instead of starting another. An answer is forgotten at once when it may have become wrong:
+//! it names a peer that can no longer be dialled, or the routing table learns of a peer closer
+//! to the key than the farthest one it names (a replica coming back, a new node) — the next
+//! asker then looks up afresh.
 
 use std::{
     collections::HashMap,
@@ -15,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use libp2p::PeerId;
+use libp2p::{
+    kad::{KBucketDistance as Distance, KBucketKey},
+    PeerId,
+};
 use tokio::sync::oneshot;
 
 /// How long a lookup's answer is reused.
@@ -30,6 +35,18 @@ struct Cached {
     peers: Vec<PeerId>,
     /// How many peers the lookup asked for: it found all there were up to that many.
     asked: usize,
+    /// The key in Kademlia's metric, and the distance of the farthest peer found.
+    target: KBucketKey<Vec<u8>>,
+    farthest: Distance,
+}
+
+impl Cached {
+    /// Whether `peer`, newly in the routing table, leaves this answer as a lookup would give it.
+    fn still_right_with(&self, peer: &PeerId) -> bool {
+        self.peers.contains(peer)
+            || (self.peers.len() >= self.asked
+                && self.target.distance(&KBucketKey::from(*peer)) >= self.farthest)
+    }
 }
 
 struct Running {
@@ -126,12 +143,20 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
                     self.cache.clear();
                 }
             }
+            let target = KBucketKey::new(running.key.clone());
+            let farthest = peers
+                .iter()
+                .map(|p| target.distance(&KBucketKey::from(*p)))
+                .max()
+                .unwrap_or_default();
             self.cache.insert(
                 running.key,
                 Cached {
                     at: now,
                     peers,
                     asked: running.count,
+                    target,
+                    farthest,
                 },
             );
         }
@@ -141,6 +166,13 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
     /// `peer` could not be dialled: forget every answer that names it.
     pub(super) fn forget_peer(&mut self, peer: &PeerId) {
         self.cache.retain(|_, c| !c.peers.contains(peer));
+    }
+
+    /// `peer` entered the routing table (or its entry changed): forget every answer that a
+    /// lookup would now give differently (`peer` is closer than the farthest peer it names, or
+    /// it found fewer peers than it asked for).
+    pub(super) fn peer_routed(&mut self, peer: &PeerId) {
+        self.cache.retain(|_, c| c.still_right_with(peer));
     }
 }
 
@@ -220,6 +252,37 @@ mod tests {
         c.finished(8, Vec::new(), true, t0);
         assert!(!ask(&mut c, b"k", 2, t0).0, "nor an empty one");
         assert!(!c.finished(99, Vec::new(), true, t0), "not ours");
+    }
+
+    #[test]
+    fn an_answer_is_forgotten_when_a_closer_peer_is_routed() {
+        let mut c = Closest::default();
+        let t0 = Instant::now();
+        let target = KBucketKey::new(b"k".to_vec());
+        let mut all = peers(40);
+        all.sort_by_key(|p| target.distance(&KBucketKey::from(*p)));
+        let (closer, found, farther) = (all[0], all[1..4].to_vec(), all[39]);
+        let (_, _, reply) = ask(&mut c, b"k", 3, t0);
+        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"));
+        c.finished(1, found.clone(), true, t0);
+        c.peer_routed(&farther);
+        c.peer_routed(&found[2]);
+        assert!(
+            ask(&mut c, b"k", 3, t0).0,
+            "a farther or a named peer changes nothing"
+        );
+        c.peer_routed(&closer);
+        assert!(
+            !ask(&mut c, b"k", 3, t0).0,
+            "a closer peer: looked up again"
+        );
+        // An answer with fewer peers than asked for: any new peer may belong in it.
+        let (_, _, reply) = ask(&mut c, b"k", 5, t0);
+        c.started(2, b"k".to_vec(), 5, reply.expect("handed back"));
+        c.finished(2, found.clone(), true, t0);
+        assert!(ask(&mut c, b"k", 5, t0).0);
+        c.peer_routed(&farther);
+        assert!(!ask(&mut c, b"k", 5, t0).0);
     }
 
     #[test]
