@@ -82,14 +82,28 @@ impl Service {
         &self.store
     }
 
-    /// Answer mailbox requests until shutdown.
+    /// Answer mailbox requests until shutdown; returns once every request being answered is
+    /// (no answer is left running on the store after the node stopped).
     pub(crate) async fn serve(
+        self: Arc<Self>,
+        inbound: mpsc::Receiver<InboundMailbox>,
+        pushed: mpsc::Sender<Pushed>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let serving = Arc::new(Semaphore::new(MAX_SERVING));
+        self.serve_until_stopped(inbound, pushed, shutdown, &serving)
+            .await;
+        let all = u32::try_from(MAX_SERVING).unwrap_or(u32::MAX);
+        let _ = serving.acquire_many(all).await;
+    }
+
+    async fn serve_until_stopped(
         self: Arc<Self>,
         mut inbound: mpsc::Receiver<InboundMailbox>,
         pushed: mpsc::Sender<Pushed>,
         mut shutdown: watch::Receiver<bool>,
+        serving: &Arc<Semaphore>,
     ) {
-        let serving = Arc::new(Semaphore::new(MAX_SERVING));
         loop {
             let item = tokio::select! {
                 biased;
@@ -125,24 +139,35 @@ impl Service {
             // loop waits and the event loop's queue fills, then refuses as `Busy`. One at a
             // time, the 3 replicas of a 200-member group's mailbox refused most of its members'
             // collections (each request waited for the synced store before it).
-            let Ok(permit) = Arc::clone(&serving).acquire_owned().await else {
+            let Ok(permit) = Arc::clone(serving).acquire_owned().await else {
                 return;
             };
             let this = Arc::clone(&self);
             tokio::spawn(async move {
-                let _permit = permit;
-                let response = this.handle(peer, request).await;
-                if let MailboxResponse::Refused { reason } = &response {
-                    tracing::debug!(%peer, %reason, "refused a mailbox request");
-                    if reason.is_hostile()
-                        && this.net.strike(peer, reason.to_string()).await.is_err()
-                    {
-                        return;
-                    }
-                }
-                let _ = this.net.mailbox_respond(channel, response).await;
+                this.answer(peer, request, channel).await;
+                // This task's reference to the store goes before its slot: `serve` returns once
+                // every slot is back.
+                drop(this);
+                drop(permit);
             });
         }
+    }
+
+    /// Answer one request (a strike first if it was hostile).
+    async fn answer(
+        self: &Arc<Self>,
+        peer: PeerId,
+        request: MailboxRequest,
+        channel: ResponseChannel<MailboxResponse>,
+    ) {
+        let response = self.handle(peer, request).await;
+        if let MailboxResponse::Refused { reason } = &response {
+            tracing::debug!(%peer, %reason, "refused a mailbox request");
+            if reason.is_hostile() && self.net.strike(peer, reason.to_string()).await.is_err() {
+                return;
+            }
+        }
+        let _ = self.net.mailbox_respond(channel, response).await;
     }
 
     async fn handle(self: &Arc<Self>, peer: PeerId, request: MailboxRequest) -> MailboxResponse {
