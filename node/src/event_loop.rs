@@ -716,8 +716,10 @@ impl EventLoop {
             Command::Strike { peer, reason } => self.strike(peer, &reason),
             Command::ClosestPeers { key, count, reply } => {
                 let Some(reply) = self.closest.ask(&key, count.get(), Instant::now(), reply) else {
+                    tracing::debug!(count, "closest-peers answered without a new lookup");
                     return;
                 };
+                tracing::debug!(count, "closest-peers lookup started");
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -926,59 +928,78 @@ impl EventLoop {
                 result,
                 step,
                 stats,
-            } => match result {
-                kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(r))) => {
-                    let enough = if let Some(p) = self.pending_get.get_mut(&id) {
-                        p.records.push(FoundRecord {
-                            peer: r.peer,
-                            value: r.record.value,
-                        });
-                        p.deadline.get_or_insert(Instant::now() + GET_RECORD_GRACE);
-                        p.records.len() >= GET_RECORD_ENOUGH
-                    } else {
-                        false
-                    };
-                    if enough || step.last {
-                        self.finish_get(id);
-                    }
-                }
-                kad::QueryResult::GetRecord(_) => self.finish_get(id),
-                kad::QueryResult::PutRecord(result) => {
-                    if let Some(reply) = self.pending_put.remove(&id) {
-                        let _ = reply.send(result.map(|_| ()).map_err(|e| e.to_string()));
-                    }
-                }
-                kad::QueryResult::GetClosestPeers(result) => {
-                    let (peers, complete) = match result {
-                        Ok(ok) => (ok.peers, true),
-                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => (peers, false),
-                    };
-                    let peers: Vec<PeerId> = peers.into_iter().map(|p| p.peer_id).collect();
-                    tracing::debug!(
-                        requests = stats.num_requests(),
-                        took = ?stats.duration(),
-                        found = peers.len(),
-                        "closest-peers lookup done"
-                    );
-                    if let Some((record, reply)) = self.pending_put_lookup.remove(&id) {
-                        if peers.is_empty() {
-                            let _ = reply.send(Err("no DHT peers to store the record on".into()));
-                        } else {
-                            let put = self.swarm.behaviour_mut().kad.put_record_to(
-                                record,
-                                peers.into_iter(),
-                                kad::Quorum::One,
-                            );
-                            self.pending_put.insert(put, reply);
-                        }
-                    } else {
-                        self.closest.finished(id, peers, complete, Instant::now());
-                    }
-                }
-                kad::QueryResult::Bootstrap(Ok(_)) => {}
-                other => tracing::trace!(?other, "kad query progressed"),
-            },
+            } => {
+                tracing::debug!(
+                    kind = query_kind(&result),
+                    requests = stats.num_requests(),
+                    took = ?stats.duration(),
+                    last = step.last,
+                    "kad query progressed"
+                );
+                self.on_query_progressed(id, result, step, stats)
+            }
             _ => {}
+        }
+    }
+
+    fn on_query_progressed(
+        &mut self,
+        id: kad::QueryId,
+        result: kad::QueryResult,
+        step: kad::ProgressStep,
+        stats: kad::QueryStats,
+    ) {
+        match result {
+            kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(r))) => {
+                let enough = if let Some(p) = self.pending_get.get_mut(&id) {
+                    p.records.push(FoundRecord {
+                        peer: r.peer,
+                        value: r.record.value,
+                    });
+                    p.deadline.get_or_insert(Instant::now() + GET_RECORD_GRACE);
+                    p.records.len() >= GET_RECORD_ENOUGH
+                } else {
+                    false
+                };
+                if enough || step.last {
+                    self.finish_get(id);
+                }
+            }
+            kad::QueryResult::GetRecord(_) => self.finish_get(id),
+            kad::QueryResult::PutRecord(result) => {
+                if let Some(reply) = self.pending_put.remove(&id) {
+                    let _ = reply.send(result.map(|_| ()).map_err(|e| e.to_string()));
+                }
+            }
+            kad::QueryResult::GetClosestPeers(result) => {
+                let (peers, complete) = match result {
+                    Ok(ok) => (ok.peers, true),
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => (peers, false),
+                };
+                let peers: Vec<PeerId> = peers.into_iter().map(|p| p.peer_id).collect();
+                tracing::debug!(
+                    requests = stats.num_requests(),
+                    took = ?stats.duration(),
+                    found = peers.len(),
+                    "closest-peers lookup done"
+                );
+                if let Some((record, reply)) = self.pending_put_lookup.remove(&id) {
+                    if peers.is_empty() {
+                        let _ = reply.send(Err("no DHT peers to store the record on".into()));
+                    } else {
+                        let put = self.swarm.behaviour_mut().kad.put_record_to(
+                            record,
+                            peers.into_iter(),
+                            kad::Quorum::One,
+                        );
+                        self.pending_put.insert(put, reply);
+                    }
+                } else {
+                    self.closest.finished(id, peers, complete, Instant::now());
+                }
+            }
+            kad::QueryResult::Bootstrap(Ok(_)) => {}
+            other => tracing::trace!(?other, "kad query progressed"),
         }
     }
 
@@ -1184,4 +1205,16 @@ pub(crate) fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
         a.pop();
     }
     a
+}
+
+/// What a Kademlia query was, for the debug line of each step.
+fn query_kind(result: &kad::QueryResult) -> &'static str {
+    match result {
+        kad::QueryResult::Bootstrap(_) => "bootstrap",
+        kad::QueryResult::GetClosestPeers(_) => "closest",
+        kad::QueryResult::GetRecord(_) => "get",
+        kad::QueryResult::PutRecord(_) => "put",
+        kad::QueryResult::RepublishRecord(_) => "republish",
+        _ => "other",
+    }
 }

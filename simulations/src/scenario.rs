@@ -325,7 +325,9 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     }
     drop(befriended);
     // Each node publishes presence records for its new contact as soon as it has it; wait for
-    // that (the first messages can then go directly), at most 10 s per node, all at once.
+    // that (the first messages can then go directly, and a first message finds the bundle),
+    // all nodes at once, at most `settle`: a thousand nodes publishing together on two cores
+    // take minutes, and a warm-up started earlier measures the set-up, not the network.
     let mut unpublished = 0;
     let publishers: Vec<usize> = if one_to_one {
         (0..params.nodes).collect()
@@ -333,7 +335,7 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
         Vec::new()
     };
     let mut published = futures::stream::iter(publishers.iter())
-        .map(|&i| cluster.wait_published(i, 1, Duration::from_secs(10)))
+        .map(|&i| cluster.wait_published(i, 1, params.settle))
         // Waiting costs nothing: wait for every node at once.
         .buffer_unordered(publishers.len().max(1));
     let mut progress = Progress::new(0);
