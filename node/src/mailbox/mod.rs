@@ -41,7 +41,9 @@ pub struct Config {
     /// (`docs/protocol.md`, "Collection").
     pub collect_interval: Duration,
     /// How often a replica checks that the closest peers of each mailbox it holds have a copy,
-    /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it.
+    /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it. A
+    /// mailbox whose closest peers were the same and held all of it is then repaired after 2,
+    /// then 4 intervals, until they change (`docs/protocol.md`, "Repair and hand-off").
     pub repair_interval: Duration,
     /// Act as a replica for others (STORE, FETCH, DELETE, REPLICATE). Default true.
     pub serve: bool,
