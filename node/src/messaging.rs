@@ -74,6 +74,8 @@ use crate::{
 
 /// A presence lookup result is reused for this long.
 const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// After that, for this long, it is tried once before a new lookup (`known_route`).
+const ROUTE_TTL: Duration = Duration::from_secs(60 * 60);
 /// Pause between rounds of a delivery attempt that found nobody.
 const DELIVERY_PAUSE: Duration = Duration::from_millis(300);
 /// Longest pause between rounds of one delivery attempt.
@@ -122,6 +124,12 @@ const COLLECT_FOLLOWUPS: u32 = 3;
 const COLLECT_FOLLOWUP_PAUSE: Duration = Duration::from_secs(1);
 /// Slowest retry of a collection round that reached no replica.
 const MAX_COLLECT_RETRY: Duration = Duration::from_secs(5);
+/// A current mailbox that held nothing in this many periodic rounds in a row is collected
+/// every 2nd, then every 4th round (`2^steps` × `collect_interval`), never less often than
+/// half the lifetime of the push subscription each collection renews.
+const MAX_IDLE_STEPS: u32 = 2;
+/// Mailboxes whose idleness is remembered (more are forgotten: collected every round).
+const MAX_IDLE_MAILBOXES: usize = 4096;
 
 /// What one collection round did ([`crate::NodeHandle::collect_mail`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +144,10 @@ pub struct CollectReport {
     pub new_messages: usize,
     /// Envelopes the replicas confirmed deleted.
     pub deleted: u64,
+    /// Mailboxes left out of this periodic round: current ones that held nothing lately
+    /// (their replicas push new mail; see [`crate::mailbox::Config::collect_interval`]).
+    #[serde(default)]
+    pub idle_skipped: usize,
 }
 
 /// What one publication round did.
@@ -171,6 +183,10 @@ enum DeliveryFailure {
     Unreachable(String),
     /// The recipient refused the envelope for good.
     Rejected(RejectReason),
+}
+
+fn shutting_down() -> DeliveryFailure {
+    DeliveryFailure::Unreachable("the node is shutting down".into())
 }
 
 /// The result of processing one inbound envelope.
@@ -350,7 +366,14 @@ pub(crate) struct Messenger {
     /// task that writes them runs ([`Messenger::mark_delivered_later`]).
     marks_due: StdMutex<(Vec<OurMessage>, bool)>,
     wake_peers: StdMutex<HashSet<PublicIdentity>>,
+    /// Who served each contact when we last looked: a presence record's peers or the peers a
+    /// delivery reached, and when ([`Self::lookup_presence`], [`Self::known_route`]).
     presence_cache: StdMutex<HashMap<PublicIdentity, (Instant, PeerAddrs)>>,
+    /// Presence lookups that went to the DHT (for tests).
+    presence_lookups: std::sync::atomic::AtomicU64,
+    /// Per current mailbox id: periodic rounds in a row that found it empty, and when the
+    /// next periodic round should collect it again ([`Self::collect_due`]).
+    idle_mailboxes: StdMutex<HashMap<[u8; 32], (u32, Instant)>>,
     published_contacts: StdMutex<Option<Vec<PublicIdentity>>>,
     mailbox: mailbox::Config,
     collect_kick: Notify,
@@ -476,6 +499,8 @@ impl Messenger {
             marks_due: StdMutex::new((Vec::new(), false)),
             wake_peers: StdMutex::new(HashSet::new()),
             presence_cache: StdMutex::new(HashMap::new()),
+            presence_lookups: std::sync::atomic::AtomicU64::new(0),
+            idle_mailboxes: StdMutex::new(HashMap::new()),
             published_contacts: StdMutex::new(None),
             mailbox,
             collect_kick: Notify::new(),
@@ -1028,6 +1053,8 @@ impl Messenger {
                 return Ok(peers.clone());
             }
         }
+        self.presence_lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pair = pair_secret(&self.identity, to);
         let now = unix_now();
         let current = addressing::epoch(now);
@@ -1045,6 +1072,22 @@ impl Messenger {
 
     fn forget_presence(&self, to: &PublicIdentity) {
         lock(&self.presence_cache).remove(to);
+    }
+
+    /// The peers that served `to` when we last looked (a presence record or a delivery),
+    /// once that is too old to skip the lookup ([`PRESENCE_CACHE_TTL`]) but not older than
+    /// [`ROUTE_TTL`]: worth one try before the DHT is asked again. A contact's node mostly
+    /// keeps its peer ID and addresses, and a lookup costs a dozen new connections.
+    fn known_route(&self, to: &PublicIdentity) -> Option<PeerAddrs> {
+        let cache = lock(&self.presence_cache);
+        let (at, peers) = cache.get(to)?;
+        let age = at.elapsed();
+        (age >= PRESENCE_CACHE_TTL && age < ROUTE_TTL && !peers.is_empty()).then(|| peers.clone())
+    }
+
+    /// `peers` just stored a message for `to`: they serve `to`, as of now.
+    fn confirm_route(&self, to: &PublicIdentity, peers: PeerAddrs) {
+        lock(&self.presence_cache).insert(*to, (Instant::now(), peers));
     }
 
     /// Deliver directly until `deadline`; if the recipient cannot be reached, store the
@@ -1127,6 +1170,14 @@ impl Messenger {
     /// open and store each new envelope durably (deduplicated by envelope id), then DELETE
     /// what was collected; subscribe to pushes for the current mailboxes.
     pub(crate) async fn collect_mail(&self) -> Result<CollectReport, NodeError> {
+        self.collect_due(false).await
+    }
+
+    /// A collection round; a `periodic` one leaves out the current mailboxes that held
+    /// nothing lately until they are due again (their replicas push what arrives, and each
+    /// collection renews that subscription): a user with many quiet conversations does not
+    /// look up and ask ten replicas for each of them every minute.
+    async fn collect_due(&self, periodic: bool) -> Result<CollectReport, NodeError> {
         let _round = self.collect_lock.lock().await;
         let started = unix_now();
         let keys = {
@@ -1136,9 +1187,22 @@ impl Messenger {
             blocking(move || watched_mailboxes(&storage, &identity, since, started)).await?
         };
         *lock(&self.watched) = keys.iter().map(|(k, _)| k.clone()).collect();
-        let keys: Vec<(MailboxKeys, bool)> = keys;
+        let mailboxes = keys.len();
+        let keys: Vec<(MailboxKeys, bool)> = if periodic {
+            let now = Instant::now();
+            let idle = lock(&self.idle_mailboxes);
+            // Older epochs are always collected: they leave the list once a round has.
+            keys.into_iter()
+                .filter(|(k, current)| {
+                    !current || idle.get(&k.id()).is_none_or(|(_, due)| *due <= now)
+                })
+                .collect()
+        } else {
+            keys
+        };
         let mut report = CollectReport {
-            mailboxes: keys.len(),
+            mailboxes,
+            idle_skipped: mailboxes - keys.len(),
             ..CollectReport::default()
         };
         let seen_this_round: StdMutex<HashSet<[u8; 32]>> = StdMutex::new(HashSet::new());
@@ -1146,7 +1210,15 @@ impl Messenger {
             futures::stream::iter(keys)
                 .map(|(keys, subscribe)| {
                     let seen = &seen_this_round;
-                    async move { self.collect_one(&keys, subscribe, seen).await }
+                    async move {
+                        let got = self.collect_one(&keys, subscribe, seen).await;
+                        if subscribe {
+                            if let Ok((answered, envelopes, _, _)) = &got {
+                                self.note_collected(keys.id(), *answered > 0, *envelopes > 0);
+                            }
+                        }
+                        got
+                    }
                 })
                 .buffer_unordered(COLLECT_PARALLEL)
                 .collect()
@@ -1163,6 +1235,39 @@ impl Messenger {
         }
         tracing::debug!(?report, "mail collection round");
         Ok(report)
+    }
+
+    /// Remember how collecting current mailbox `id` went: it is due again after one interval
+    /// if it held mail (or no replica answered), after twice as many as last time (up to
+    /// [`MAX_IDLE_STEPS`] doublings) if it was empty.
+    fn note_collected(&self, id: [u8; 32], answered: bool, had_mail: bool) {
+        let mut idle = lock(&self.idle_mailboxes);
+        let steps = match idle.get(&id) {
+            _ if had_mail || !answered => 0,
+            Some((steps, _)) => (steps + 1).min(MAX_IDLE_STEPS),
+            None => 1,
+        };
+        let longest = Duration::from_secs(crate::mailbox::service::SUBSCRIPTION_SECS / 2);
+        let wait = self
+            .mailbox
+            .collect_interval
+            .saturating_mul(1 << steps)
+            .min(longest.max(self.mailbox.collect_interval));
+        // A round starts a little early (the interval's jitter): count from its lower end.
+        let wait = wait.saturating_sub(
+            self.mailbox
+                .collect_interval
+                .mul_f64(crate::mailbox::JITTER),
+        );
+        if idle.len() >= MAX_IDLE_MAILBOXES && !idle.contains_key(&id) {
+            idle.clear();
+        }
+        idle.insert(id, (steps, Instant::now() + wait));
+    }
+
+    /// Mail arrived for mailbox `id` (pushed): collect it in the next periodic round again.
+    fn mailbox_active(&self, id: &[u8; 32]) {
+        lock(&self.idle_mailboxes).remove(id);
     }
 
     /// Collect one mailbox: (FETCHes answered, envelopes fetched, new messages, deleted).
@@ -1326,10 +1431,12 @@ impl Messenger {
         // may reach replicas that are not yet the closest: a few quick follow-up rounds.
         let mut followups = COLLECT_FOLLOWUPS;
         loop {
-            tokio::select! {
+            // Only a round that came by the clock, with nothing to make up for, may leave
+            // quiet mailboxes out.
+            let periodic = tokio::select! {
                 biased;
                 _ = stopping(&mut shutdown) => return,
-                _ = self.collect_kick.notified() => {},
+                _ = self.collect_kick.notified() => false,
                 changed = online.changed() => {
                     if changed.is_err() {
                         return;
@@ -1337,10 +1444,15 @@ impl Messenger {
                     // Let the routing table fill before looking up.
                     tokio::time::sleep(COLLECT_RETRY).await;
                     followups = COLLECT_FOLLOWUPS;
+                    false
                 },
-                _ = tokio::time::sleep_until(next) => {},
-            }
-            match self.collect_mail().await {
+                _ = tokio::time::sleep_until(next) => followups == 0 && retry == COLLECT_RETRY,
+            };
+            match self.collect_due(periodic).await {
+                Ok(report) if periodic && report.idle_skipped == report.mailboxes => {
+                    next = tokio::time::Instant::now()
+                        + crate::mailbox::jittered(self.mailbox.collect_interval);
+                }
                 Ok(report) if report.replicas_answered > 0 => {
                     retry = COLLECT_RETRY;
                     let wait = if followups > 0 {
@@ -1388,6 +1500,7 @@ impl Messenger {
             } = item;
             let routing_key = envelope.routing_key;
             let envelope_id = envelope.id();
+            self.mailbox_active(&routing_key);
             let ours = lock(&self.watched)
                 .iter()
                 .find(|k| k.id() == routing_key)
@@ -1427,68 +1540,98 @@ impl Messenger {
         }
     }
 
-    /// Try to hand `envelope` to `to`'s node directly until `deadline`.
+    /// Try to hand `envelope` to `to`'s node directly until `deadline`: first to the peers a
+    /// route already names (see [`Self::known_route`]) within half the time, then to those the
+    /// presence records name, looked up again after each round that reached nobody.
     async fn deliver(
         &self,
         to: &PublicIdentity,
         envelope: &Envelope,
         deadline: Instant,
     ) -> Result<(), DeliveryFailure> {
-        let expected_id = envelope.id();
         let mut last = String::from("no presence record of the recipient found in the DHT");
         let mut pause = DELIVERY_PAUSE;
+        let mut known = self.known_route(to);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 break;
             }
+            if let Some(peers) = known.take() {
+                let until = Instant::now() + remaining / 2;
+                match self
+                    .try_peers(envelope, peers.clone(), until, &mut last)
+                    .await
+                {
+                    Err(LoopStopped) => return Err(shutting_down()),
+                    Ok(Ok(())) => {
+                        self.confirm_route(to, peers);
+                        return Ok(());
+                    }
+                    // A route is a guess: whatever went wrong, the presence records decide.
+                    Ok(Err(DeliveryFailure::Rejected(reason))) => {
+                        last = format!("the recipient's node is {reason}");
+                        self.forget_presence(to);
+                        continue;
+                    }
+                    Ok(Err(DeliveryFailure::Unreachable(_))) => {
+                        self.forget_presence(to);
+                        continue;
+                    }
+                }
+            }
             match tokio::time::timeout(remaining, self.lookup_presence(to)).await {
                 Err(_) => break,
-                Ok(Err(LoopStopped)) => {
-                    return Err(DeliveryFailure::Unreachable(
-                        "the node is shutting down".into(),
-                    ))
-                }
+                Ok(Err(LoopStopped)) => return Err(shutting_down()),
                 Ok(Ok(peers)) if peers.is_empty() => {}
-                Ok(Ok(peers)) => {
-                    for (peer, addrs) in peers {
-                        let remaining = deadline.saturating_duration_since(Instant::now());
-                        let attempt = self.batcher.send(&self.net, peer, addrs, envelope.clone());
-                        match tokio::time::timeout(remaining, attempt).await {
-                            Ok(Ok(Ok(DirectResponse::Accepted { envelope_id, .. }))) => {
-                                if envelope_id == expected_id {
-                                    return Ok(());
-                                }
-                                last = format!("peer {peer} acknowledged a different envelope");
-                            }
-                            Ok(Ok(Ok(DirectResponse::Rejected { reason }))) => {
-                                if !reason.is_transient() {
-                                    return Err(DeliveryFailure::Rejected(reason));
-                                }
-                                last = format!("the recipient's node is {reason}");
-                            }
-                            Ok(Ok(Err(e))) => {
-                                last = format!("cannot reach the recipient's node: {e}")
-                            }
-                            Ok(Err(LoopStopped)) => {
-                                return Err(DeliveryFailure::Unreachable(
-                                    "the node is shutting down".into(),
-                                ))
-                            }
-                            Err(_) => {
-                                last = "the recipient's node did not answer in time".into();
-                                break;
-                            }
-                        }
-                    }
-                    self.forget_presence(to);
-                }
+                Ok(Ok(peers)) => match self.try_peers(envelope, peers, deadline, &mut last).await {
+                    Err(LoopStopped) => return Err(shutting_down()),
+                    Ok(Err(DeliveryFailure::Unreachable(_))) => self.forget_presence(to),
+                    Ok(done) => return done,
+                },
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(pause.min(remaining)).await;
             pause = (pause * 2).min(MAX_DELIVERY_PAUSE);
         }
         Err(DeliveryFailure::Unreachable(last))
+    }
+
+    /// Hand `envelope` to each of `peers` in turn until one stores it or `until` passes;
+    /// `last` keeps why the last attempt failed.
+    async fn try_peers(
+        &self,
+        envelope: &Envelope,
+        peers: PeerAddrs,
+        until: Instant,
+        last: &mut String,
+    ) -> Result<Result<(), DeliveryFailure>, LoopStopped> {
+        let expected_id = envelope.id();
+        for (peer, addrs) in peers {
+            let remaining = until.saturating_duration_since(Instant::now());
+            let attempt = self.batcher.send(&self.net, peer, addrs, envelope.clone());
+            match tokio::time::timeout(remaining, attempt).await {
+                Ok(Ok(Ok(DirectResponse::Accepted { envelope_id, .. }))) => {
+                    if envelope_id == expected_id {
+                        return Ok(Ok(()));
+                    }
+                    *last = format!("peer {peer} acknowledged a different envelope");
+                }
+                Ok(Ok(Ok(DirectResponse::Rejected { reason }))) => {
+                    if !reason.is_transient() {
+                        return Ok(Err(DeliveryFailure::Rejected(reason)));
+                    }
+                    *last = format!("the recipient's node is {reason}");
+                }
+                Ok(Ok(Err(e))) => *last = format!("cannot reach the recipient's node: {e}"),
+                Ok(Err(LoopStopped)) => return Err(LoopStopped),
+                Err(_) => {
+                    *last = "the recipient's node did not answer in time".into();
+                    break;
+                }
+            }
+        }
+        Ok(Err(DeliveryFailure::Unreachable(last.clone())))
     }
 
     // ------------------------------------------------------------------------------------
@@ -2706,10 +2849,12 @@ mod tests {
     use rand::rngs::OsRng;
     use tempfile::TempDir;
 
+    use super::{lock, PeerAddrs, PRESENCE_CACHE_TTL, ROUTE_TTL};
     use crate::{
         storage::{Direction, MessageFilter, Storage},
         Node, NodeConfig, NodeHandle, SendOutcome,
     };
+    use std::time::Instant;
 
     struct TestNode {
         _home: TempDir,
@@ -2719,6 +2864,13 @@ mod tests {
     }
 
     async fn start(bootstrap: Vec<Multiaddr>) -> TestNode {
+        start_with(bootstrap, |_| {}).await
+    }
+
+    async fn start_with(
+        bootstrap: Vec<Multiaddr>,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> TestNode {
         let home = tempfile::tempdir().expect("tempdir");
         let identity = Identity::generate(&mut OsRng);
         Storage::open(home.path())
@@ -2730,6 +2882,7 @@ mod tests {
         config.bootstrap = bootstrap;
         config.dht_server = true;
         config.send_timeout = Duration::from_secs(20);
+        adjust(&mut config);
         let handle = Node::start(config).await.expect("node starts");
         let addr = handle
             .status()
@@ -2804,6 +2957,136 @@ mod tests {
             let report = task.expect("task").expect("send");
             assert_eq!(report.outcome, SendOutcome::Delivered, "{tag} {i}");
         }
+    }
+
+    /// Make `a`'s presence entry for `to` look `age` old, naming `peers` (or what it holds).
+    fn age_route(a: &TestNode, to: &PublicIdentity, age: Duration, peers: Option<PeerAddrs>) {
+        let mut cache = lock(&a.handle.inner.messenger.presence_cache);
+        let entry = cache.get_mut(to).expect("a presence entry");
+        entry.0 = Instant::now().checked_sub(age).expect("an earlier instant");
+        if let Some(peers) = peers {
+            entry.1 = peers;
+        }
+    }
+
+    fn presence_lookups(n: &TestNode) -> u64 {
+        n.handle
+            .inner
+            .messenger
+            .presence_lookups
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_known_route_is_tried_before_the_dht_and_a_dead_one_falls_back_to_it() {
+        let a = start(Vec::new()).await;
+        let b = start(vec![a.addr.clone()]).await;
+        befriend(&a, &b, "b", "a").await;
+        publish(&a, 1).await;
+        publish(&b, 1).await;
+        let to = b.identity.public();
+        send_many(&a, to, 1, "hello").await;
+        let looked_up = presence_lookups(&a);
+        assert!(looked_up >= 1, "the first message looks b up");
+
+        // Past the presence cache's TTL, within the route's: b's node is asked directly.
+        age_route(&a, &to, PRESENCE_CACHE_TTL + Duration::from_secs(1), None);
+        send_many(&a, to, 1, "again").await;
+        assert_eq!(
+            presence_lookups(&a),
+            looked_up,
+            "no lookup for a known route"
+        );
+        // The delivery confirmed the route: fresh again, so no lookup either.
+        send_many(&a, to, 1, "and again").await;
+        assert_eq!(presence_lookups(&a), looked_up);
+
+        // A route to a node that is gone (a peer nobody runs, at a port nobody listens on):
+        // the message still goes directly, after a lookup.
+        let gone: PeerAddrs = vec![(
+            libp2p::PeerId::random(),
+            vec!["/ip4/127.0.0.1/tcp/1".parse().expect("multiaddr")],
+        )];
+        age_route(
+            &a,
+            &to,
+            PRESENCE_CACHE_TTL + Duration::from_secs(1),
+            Some(gone),
+        );
+        send_many(&a, to, 1, "after a move").await;
+        assert_eq!(
+            presence_lookups(&a),
+            looked_up + 1,
+            "a dead route is looked up"
+        );
+
+        // Older than the route's TTL: looked up first.
+        age_route(&a, &to, ROUTE_TTL + Duration::from_secs(1), None);
+        send_many(&a, to, 1, "much later").await;
+        assert_eq!(presence_lookups(&a), looked_up + 2);
+        let got = incoming(b.handle.storage(), &a.identity.public());
+        assert_eq!(got.len(), 5, "every message arrived once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_mailbox_is_collected_less_often_and_again_every_round_once_it_holds_mail() {
+        const EVERY: Duration = Duration::from_secs(1);
+        let a = start(Vec::new()).await;
+        let b = start_with(vec![a.addr.clone()], |c| c.mailbox.collect_interval = EVERY).await;
+        let messenger = &b.handle.inner.messenger;
+        let own = meshchat_protocol::addressing::first_contact_mailbox(&b.identity.public());
+        let steps = || lock(&messenger.idle_mailboxes).get(&own).map(|(s, _)| *s);
+        // The clock's rounds find b's own mailbox empty again and again: it backs off.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while steps() != Some(super::MAX_IDLE_STEPS) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no back-off: {:?}",
+                steps()
+            );
+            tokio::time::sleep(EVERY).await;
+        }
+        // Right after a round, a periodic one leaves it out; one asked for does not.
+        let full = b.handle.collect_mail().await.expect("collect");
+        assert_eq!((full.mailboxes, full.idle_skipped), (1, 0));
+        assert!(full.replicas_answered > 0);
+        let periodic = messenger.collect_due(true).await.expect("collect");
+        assert_eq!((periodic.idle_skipped, periodic.replicas_answered), (1, 0));
+
+        // Mail in it: a first message from a stranger, who finds no presence record of b and
+        // stores it on a (the only replica), which pushes it to b. The back-off starts over.
+        let c = start_with(vec![a.addr.clone()], |c| {
+            c.send_timeout = Duration::from_secs(2);
+        })
+        .await;
+        publish(&b, 0).await;
+        c.handle
+            .add_contact("b".into(), b.identity.public())
+            .await
+            .expect("contact");
+        let report = c
+            .handle
+            .send_text(b.identity.public(), "hello, stranger".into())
+            .await
+            .expect("send");
+        assert!(
+            matches!(report.outcome, SendOutcome::Stored { .. }),
+            "{:?}",
+            report.outcome
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while incoming(b.handle.storage(), &c.identity.public()).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the mail never came"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            steps() <= Some(1),
+            "the back-off did not start over: {:?}",
+            steps()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

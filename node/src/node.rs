@@ -331,7 +331,7 @@ impl Node {
 
 pub(crate) struct Inner {
     pub(crate) net: NetClient,
-    messenger: Arc<Messenger>,
+    pub(crate) messenger: Arc<Messenger>,
     service: Arc<Service>,
     pub(crate) groups: Arc<GroupService>,
     storage: Storage,

@@ -36,10 +36,14 @@ pub struct Config {
     /// majority of 5); when fewer peers exist than that, all of those found must acknowledge.
     pub quorum: usize,
     /// How often the recipient collects from all its mailboxes even without a reason. Default
-    /// 60 s; each wait is drawn from ±[`JITTER`] of it.
+    /// 60 s; each wait is drawn from ±[`JITTER`] of it. A current mailbox found empty is then
+    /// collected after 2, then 4 intervals (at most 300 s) until it holds mail again
+    /// (`docs/protocol.md`, "Collection").
     pub collect_interval: Duration,
     /// How often a replica checks that the closest peers of each mailbox it holds have a copy,
-    /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it.
+    /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it. A
+    /// mailbox whose closest peers were the same and held all of it is then repaired after 2,
+    /// then 4 intervals, until they change (`docs/protocol.md`, "Repair and hand-off").
     pub repair_interval: Duration,
     /// Act as a replica for others (STORE, FETCH, DELETE, REPLICATE). Default true.
     pub serve: bool,
