@@ -412,6 +412,66 @@ async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_that_failed_is_tried_again_once_the_subscriber_is_reachable() {
+    let servers = servers(5).await;
+    let boot = servers[0].addr.clone();
+    // As above: B subscribed, no periodic collection; A finds no presence record of B.
+    let b = start_cfg(vec![boot.clone()], |c| {
+        c.mailbox.collect_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while !b
+        .handle
+        .publish_records()
+        .await
+        .expect("publish")
+        .bundle_published
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.handle.collect_mail().await.expect("collect");
+    let a = start(vec![boot.clone()]).await;
+    // B stays connected to A (so no reconnect makes it collect) but refuses every replica:
+    // the pushes of A's mail fail.
+    b.handle.dial(a.addr.clone()).await.expect("dial");
+    let replicas: Vec<PeerId> = servers.iter().map(|s| s.handle.peer_id()).collect();
+    b.handle.block_peers(replicas.clone()).await.expect("block");
+    let mut events = b.handle.subscribe();
+    send_stored(&a, &b.identity.public(), "pushed again").await;
+    let quiet = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Ok(NodeEvent::MessageReceived(m)) = events.recv().await {
+                return m;
+            }
+        }
+    })
+    .await;
+    assert!(
+        quiet.is_err(),
+        "nothing arrives while B refuses its replicas"
+    );
+    b.handle.unblock_peers(replicas).await.expect("unblock");
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(NodeEvent::MessageReceived(m)) = events.recv().await {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("a replica pushed it again");
+    assert_eq!(got.body, "pushed again");
+    for n in [&a.handle, &b.handle] {
+        n.shutdown().await;
+    }
+    for s in &servers {
+        s.handle.shutdown().await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A raw client speaking /meshchat/mailbox/1.0.0: a stranger, a flooder
 // ---------------------------------------------------------------------------------------------

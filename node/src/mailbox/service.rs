@@ -38,6 +38,15 @@ const MAX_SUBSCRIPTIONS: usize = 4096;
 const MAX_SERVING: usize = 16;
 /// Replications in flight at once during repair.
 const REPAIR_PARALLEL: usize = 8;
+/// A push that failed is tried again after these waits (then left to the next collection).
+const PUSH_RETRIES: [Duration; 4] = [
+    Duration::from_secs(5),
+    Duration::from_secs(15),
+    Duration::from_secs(45),
+    Duration::from_secs(135),
+];
+/// Failed pushes waiting to be tried again at once; more are not retried.
+const MAX_PUSH_RETRYING: usize = 256;
 /// A mailbox whose closest peers were the same and held all of it at this many repair rounds
 /// in a row is repaired every 2nd, then every 4th round (`2^steps` × `repair_interval`).
 const MAX_QUIET_STEPS: u32 = 2;
@@ -101,6 +110,41 @@ pub(crate) struct Service {
     subscriptions: StdMutex<HashMap<[u8; 32], HashMap<PeerId, Instant>>>,
     /// Per mailbox held: how its last repair went ([`Self::repair`]).
     repairs: StdMutex<HashMap<[u8; 32], RepairState>>,
+    /// Permits for failed pushes waiting to be retried ([`MAX_PUSH_RETRYING`]).
+    push_retrying: Arc<Semaphore>,
+}
+
+/// Push `envelope` to subscriber `peer`; if that fails (the peer unreachable for a while, busy,
+/// a partition that heals), try again after each of [`PUSH_RETRIES`], while a retry permit is
+/// free. Without retries, such mail would wait for the subscriber's next collection, which for
+/// a quiet mailbox comes only every few minutes.
+async fn push(net: NetClient, peer: PeerId, envelope: Envelope, retrying: Arc<Semaphore>) {
+    let mut waits = PUSH_RETRIES.iter();
+    let mut permit = None;
+    loop {
+        let request = MailboxRequest::Deliver {
+            envelope: envelope.clone(),
+        };
+        match net.mailbox_request(peer, request).await {
+            Ok(Ok(MailboxResponse::Stored { .. })) => {
+                tracing::debug!(%peer, "pushed mail to a subscriber");
+                return;
+            }
+            Err(_) => return,
+            Ok(Ok(MailboxResponse::Refused { reason })) if !reason.is_transient() => {
+                tracing::debug!(%peer, %reason, "a subscriber refused a push");
+                return;
+            }
+            other => tracing::debug!(%peer, ?other, "push to a subscriber failed"),
+        }
+        if permit.is_none() {
+            permit = Arc::clone(&retrying).try_acquire_owned().ok();
+        }
+        let (Some(_), Some(wait)) = (&permit, waits.next()) else {
+            return;
+        };
+        tokio::time::sleep(*wait).await;
+    }
 }
 
 /// Resolves once the node is stopping.
@@ -122,6 +166,7 @@ impl Service {
             rate: StdMutex::new(rate),
             subscriptions: StdMutex::new(HashMap::new()),
             repairs: StdMutex::new(HashMap::new()),
+            push_retrying: Arc::new(Semaphore::new(MAX_PUSH_RETRYING)),
         }
     }
 
@@ -317,17 +362,8 @@ impl Service {
         for peer in peers {
             let net = self.net.clone();
             let envelope = envelope.clone();
-            tokio::spawn(async move {
-                match net
-                    .mailbox_request(peer, MailboxRequest::Deliver { envelope })
-                    .await
-                {
-                    Ok(Ok(MailboxResponse::Stored { .. })) => {
-                        tracing::debug!(%peer, "pushed mail to a subscriber");
-                    }
-                    other => tracing::debug!(%peer, ?other, "push to a subscriber failed"),
-                }
-            });
+            let retrying = Arc::clone(&self.push_retrying);
+            tokio::spawn(push(net, peer, envelope, retrying));
         }
     }
 
