@@ -41,9 +41,7 @@ pub struct Config {
     /// (`docs/protocol.md`, "Collection").
     pub collect_interval: Duration,
     /// How often a replica checks that the closest peers of each mailbox it holds have a copy,
-    /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it. A
-    /// mailbox whose closest peers were the same and held all of it is then repaired after 2,
-    /// then 4 intervals, until they change (`docs/protocol.md`, "Repair and hand-off").
+    /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it.
     pub repair_interval: Duration,
     /// Act as a replica for others (STORE, FETCH, DELETE, REPLICATE). Default true.
     pub serve: bool,

@@ -486,7 +486,11 @@ impl Service {
                 biased;
                 _ = stopping(&mut shutdown) => return,
                 _ = tokio::time::sleep(super::jittered(self.config.repair_interval)) => {
-                    self.repair_round(true).await;
+                    // Full rounds: the quiet-mailbox schedule (`repair_round(true)`) broke
+                    // simulations/tests/group_membership.rs (a returning member saw 57 of 70
+                    // members after 120 s, twice; with full rounds all 70 after 104 s). Off
+                    // until that is understood.
+                    self.repair_round(false).await;
                 }
             }
         }
