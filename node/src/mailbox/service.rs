@@ -486,10 +486,10 @@ impl Service {
                 biased;
                 _ = stopping(&mut shutdown) => return,
                 _ = tokio::time::sleep(super::jittered(self.config.repair_interval)) => {
-                    // Full rounds: the quiet-mailbox schedule (`repair_round(true)`) broke
-                    // simulations/tests/group_membership.rs (a returning member saw 57 of 70
-                    // members after 120 s, twice; with full rounds all 70 after 104 s). Off
-                    // until that is understood.
+                    // Full rounds: the quiet-mailbox schedule (`repair_round(true)`) was
+                    // switched off when simulations/tests/group_membership.rs failed with it;
+                    // that test then failed without any of these changes too, so the schedule
+                    // is off on a suspicion only (2026-12-07). Re-enable once it is sorted.
                     self.repair_round(false).await;
                 }
             }
