@@ -363,12 +363,10 @@ async fn repair_carries_mail_to_new_nodes_when_all_original_replicas_leave() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
-    let servers = servers(5).await;
-    let boot = servers[0].addr.clone();
-    // B is online but has not added A: A finds no presence record and falls back to the
-    // mailbox. No periodic collection happens during the test: only a push can bring it.
+/// B, online, its bundle published, subscribed to its first-contact mailbox, never collecting
+/// by the clock during a test: only a push can bring it mail. (A sender who is not B's contact
+/// finds no presence record of B and falls back to the mailbox.)
+async fn subscribed_recipient(boot: &Multiaddr) -> TestNode {
     let b = start_cfg(vec![boot.clone()], |c| {
         c.mailbox.collect_interval = Duration::from_secs(3600);
     })
@@ -384,8 +382,15 @@ async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // B's start-up collection subscribed it to its first-contact mailbox.
     b.handle.collect_mail().await.expect("collect");
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
+    let servers = servers(5).await;
+    let boot = servers[0].addr.clone();
+    let b = subscribed_recipient(&boot).await;
     let mut events = b.handle.subscribe();
     let a = start(vec![boot.clone()]).await;
     send_stored(&a, &b.identity.public(), "pushed").await;
@@ -416,23 +421,7 @@ async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
 async fn a_push_that_failed_is_tried_again_once_the_subscriber_is_reachable() {
     let servers = servers(5).await;
     let boot = servers[0].addr.clone();
-    // As above: B subscribed, no periodic collection; A finds no presence record of B.
-    let b = start_cfg(vec![boot.clone()], |c| {
-        c.mailbox.collect_interval = Duration::from_secs(3600);
-    })
-    .await;
-    let deadline = Instant::now() + WAIT;
-    while !b
-        .handle
-        .publish_records()
-        .await
-        .expect("publish")
-        .bundle_published
-    {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    b.handle.collect_mail().await.expect("collect");
+    let b = subscribed_recipient(&boot).await;
     let a = start(vec![boot.clone()]).await;
     // B stays connected to A (so no reconnect makes it collect) but refuses every replica:
     // the pushes of A's mail fail.
