@@ -271,6 +271,36 @@ enum Opened {
     Bad(GroupError),
 }
 
+impl Opened {
+    /// A word for the debug log.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Stored { .. } => "stored",
+            Self::Hold {
+                reason: HoldReason::Key,
+                ..
+            } => "held: no sender key",
+            Self::Hold {
+                reason: HoldReason::Epoch,
+                ..
+            } => "held: later epoch",
+            Self::Hold {
+                reason: HoldReason::Gap,
+                ..
+            } => "held: earlier message missing",
+            Self::Hold {
+                reason: HoldReason::Ops { .. },
+                ..
+            } => "held: earlier ops missing",
+            Self::Duplicate => "duplicate",
+            Self::Replay => "replay",
+            Self::NotOurs => "not ours",
+            Self::Drop(_) => "dropped",
+            Self::Bad(_) => "bad",
+        }
+    }
+}
+
 /// A gossipsub message's id and the peer it came from: its verdict is reported as soon as it
 /// authenticates.
 type GossipOrigin = (libp2p::gossipsub::MessageId, PeerId);

@@ -47,50 +47,6 @@ const PUSH_RETRIES: [Duration; 4] = [
 ];
 /// Failed pushes waiting to be tried again at once; more are not retried.
 const MAX_PUSH_RETRYING: usize = 256;
-/// A mailbox whose closest peers were the same and held all of it at this many repair rounds
-/// in a row is repaired every 2nd, then every 4th round (`2^steps` × `repair_interval`).
-const MAX_QUIET_STEPS: u32 = 2;
-/// Mailboxes whose repair state is remembered (more: the state is dropped, all are repaired).
-const MAX_REPAIR_STATES: usize = 4096;
-
-/// How the last repair of one mailbox went.
-#[derive(Debug)]
-struct RepairState {
-    /// The closest peers it found, sorted.
-    targets: Vec<PeerId>,
-    /// Rounds in a row that found the same peers, all holding everything already.
-    quiet: u32,
-    /// When a repair round should look at this mailbox again.
-    due: Instant,
-}
-
-impl RepairState {
-    /// The state after a repair at `now` that found the (sorted) `targets`, which all held
-    /// everything already if `in_place`, given the state before (`last`).
-    fn next(
-        last: Option<&RepairState>,
-        targets: Vec<PeerId>,
-        in_place: bool,
-        interval: Duration,
-        now: Instant,
-    ) -> RepairState {
-        let quiet = match last {
-            Some(last) if in_place && last.targets == targets => {
-                (last.quiet + 1).min(MAX_QUIET_STEPS)
-            }
-            _ => 0,
-        };
-        // A round starts a little early (the interval's jitter): count from its lower end.
-        let wait = interval
-            .saturating_mul(1 << quiet)
-            .saturating_sub(interval.mul_f64(super::JITTER));
-        RepairState {
-            targets,
-            quiet,
-            due: now + wait,
-        }
-    }
-}
 
 /// An envelope a replica pushed to us (we are its recipient).
 #[derive(Debug)]
@@ -108,8 +64,6 @@ pub(crate) struct Service {
     config: Config,
     rate: StdMutex<RateLimiter<PeerId>>,
     subscriptions: StdMutex<HashMap<[u8; 32], HashMap<PeerId, Instant>>>,
-    /// Per mailbox held: how its last repair went ([`Self::repair`]).
-    repairs: StdMutex<HashMap<[u8; 32], RepairState>>,
     /// Permits for failed pushes waiting to be retried ([`MAX_PUSH_RETRYING`]).
     push_retrying: Arc<Semaphore>,
 }
@@ -165,7 +119,6 @@ impl Service {
             config,
             rate: StdMutex::new(rate),
             subscriptions: StdMutex::new(HashMap::new()),
-            repairs: StdMutex::new(HashMap::new()),
             push_retrying: Arc::new(Semaphore::new(MAX_PUSH_RETRYING)),
         }
     }
@@ -371,12 +324,6 @@ impl Service {
     /// closest peers that lack them (REPLICATE is idempotent: a holder answers `duplicate`).
     /// Returns how many copies were newly accepted.
     pub(crate) async fn repair(&self) -> usize {
-        self.repair_round(false).await
-    }
-
-    /// [`Self::repair`]; a `periodic` round (the repair timer's) leaves out the mailboxes that
-    /// are not due ([`Self::hand_over`]).
-    async fn repair_round(&self, periodic: bool) -> usize {
         let store = Arc::clone(&self.store);
         let now = unix_now();
         match tokio::task::spawn_blocking(move || store.sweep(now)).await {
@@ -384,36 +331,14 @@ impl Service {
             Ok(Err(e)) => tracing::warn!(error = %e, "sweeping mailbox replicas failed"),
             _ => {}
         }
-        self.hand_over_some(false, periodic).await
+        self.hand_over(false).await
     }
 
     /// Hand every mailbox's mail to its closest peers; with `leaving`, to the `r` closest other
     /// than this node (a clean shutdown).
-    ///
-    /// A repair round (not `leaving`) leaves out the mailboxes whose closest peers were the
-    /// same and already held all of their mail at the last rounds, until they are due again:
-    /// after 2, then 4 repair intervals. A change of those peers, or a copy one of them lacked,
-    /// makes a mailbox due every round again. Mail arriving meanwhile was stored by its sender
-    /// on the closest peers it found, so a quiet mailbox needs no hurry.
     pub(crate) async fn hand_over(&self, leaving: bool) -> usize {
-        self.hand_over_some(leaving, false).await
-    }
-
-    async fn hand_over_some(&self, leaving: bool, periodic: bool) -> usize {
         let mut copies = 0;
-        let mailboxes = self.store.mailboxes();
-        {
-            let held: HashSet<&[u8; 32]> = mailboxes.iter().collect();
-            lock(&self.repairs).retain(|m, _| held.contains(m));
-        }
-        for mailbox in mailboxes {
-            if periodic
-                && lock(&self.repairs)
-                    .get(&mailbox)
-                    .is_some_and(|r| r.due > Instant::now())
-            {
-                continue;
-            }
+        for mailbox in self.store.mailboxes() {
             let Ok(targets) = self
                 .net
                 .closest_peers(mailbox.to_vec(), self.config.replicas)
@@ -449,34 +374,12 @@ impl Service {
                 .buffer_unordered(REPAIR_PARALLEL)
                 .collect()
                 .await;
-            let new_copies = results.into_iter().filter(|b| *b).count();
-            copies += new_copies;
-            if !leaving {
-                self.note_repaired(mailbox, targets, new_copies == 0);
-            }
+            copies += results.into_iter().filter(|b| *b).count();
         }
         if leaving || copies > 0 {
             tracing::debug!(copies, leaving, "mailbox replicas handed over");
         }
         copies
-    }
-
-    /// Remember how repairing `mailbox` went: quiet if `targets` are the peers found last
-    /// time and all of them already held everything (`in_place`).
-    fn note_repaired(&self, mailbox: [u8; 32], mut targets: Vec<PeerId>, in_place: bool) {
-        targets.sort();
-        let mut repairs = lock(&self.repairs);
-        let next = RepairState::next(
-            repairs.get(&mailbox),
-            targets,
-            in_place,
-            self.config.repair_interval,
-            Instant::now(),
-        );
-        if repairs.len() >= MAX_REPAIR_STATES && !repairs.contains_key(&mailbox) {
-            repairs.clear();
-        }
-        repairs.insert(mailbox, next);
     }
 
     /// The repair loop: every `repair_interval` (±[`super::JITTER`]) until shutdown.
@@ -486,11 +389,7 @@ impl Service {
                 biased;
                 _ = stopping(&mut shutdown) => return,
                 _ = tokio::time::sleep(super::jittered(self.config.repair_interval)) => {
-                    // Full rounds: the quiet-mailbox schedule (`repair_round(true)`) was
-                    // switched off when simulations/tests/group_membership.rs failed with it;
-                    // that test then failed without any of these changes too, so the schedule
-                    // is off on a suspicion only (2026-12-07). Re-enable once it is sorted.
-                    self.repair_round(false).await;
+                    self.repair().await;
                 }
             }
         }
@@ -503,43 +402,5 @@ impl Service {
             .values()
             .flat_map(|m| m.keys().copied())
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn peers(n: usize) -> Vec<PeerId> {
-        let mut p: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
-        p.sort();
-        p
-    }
-
-    #[test]
-    fn a_mailbox_in_place_is_repaired_less_often_until_its_peers_change_or_lack_a_copy() {
-        let every = Duration::from_secs(60);
-        let t0 = Instant::now();
-        let five = peers(5);
-        let early = every.mul_f64(super::super::JITTER);
-        // First repair: due again after one interval (less the jitter's early start).
-        let s = RepairState::next(None, five.clone(), true, every, t0);
-        assert_eq!((s.quiet, s.due), (0, t0 + every - early));
-        // The same peers, all holding everything: 2, then 4 intervals, no further.
-        let s = RepairState::next(Some(&s), five.clone(), true, every, t0);
-        assert_eq!((s.quiet, s.due), (1, t0 + every * 2 - early));
-        let s = RepairState::next(Some(&s), five.clone(), true, every, t0);
-        assert_eq!((s.quiet, s.due), (2, t0 + every * 4 - early));
-        let s = RepairState::next(Some(&s), five.clone(), true, every, t0);
-        assert_eq!(s.quiet, MAX_QUIET_STEPS);
-        // A peer lacked a copy: every round again.
-        let lacking = RepairState::next(Some(&s), five.clone(), false, every, t0);
-        assert_eq!((lacking.quiet, lacking.due), (0, t0 + every - early));
-        // Another peer among the closest: every round again.
-        let mut moved = five.clone();
-        moved[0] = PeerId::random();
-        moved.sort();
-        let changed = RepairState::next(Some(&s), moved, true, every, t0);
-        assert_eq!(changed.quiet, 0);
     }
 }

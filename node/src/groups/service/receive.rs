@@ -282,13 +282,28 @@ impl GroupService {
         arrival: Arrival,
         origin: Option<GossipOrigin>,
     ) -> (MessageAcceptance, &'static str, bool, bool) {
-        let opened = {
+        let started = Instant::now();
+        let (opened, waited) = {
             let _guard = self.lock.lock().await;
+            let waited = started.elapsed();
             let this = Arc::clone(self);
             let env = envelope.clone();
-            blocking(move || this.open_blocking(gid, &env, arrival, unix_now(), origin.as_ref()))
-                .await
+            let opened = blocking(move || {
+                this.open_blocking(gid, &env, arrival, unix_now(), origin.as_ref())
+            })
+            .await;
+            (opened, waited)
         };
+        if let Ok(o) = &opened {
+            tracing::debug!(
+                group = %gid,
+                arrival = ?arrival,
+                outcome = o.label(),
+                waited_ms = waited.as_millis() as u64,
+                took_ms = started.elapsed().as_millis() as u64,
+                "group envelope processed"
+            );
+        }
         let opened = match opened {
             Ok(o) => o,
             Err(e) => {

@@ -85,6 +85,7 @@ impl GroupService {
             .collect()
             .await;
         let answered = results.iter().any(|(a, _)| *a);
+        let mailboxes = results.len();
         let mut all: HashMap<[u8; 32], Envelope> = HashMap::new();
         for (_, envelopes) in results {
             for e in envelopes {
@@ -111,6 +112,13 @@ impl GroupService {
             Ok(out)
         })
         .await?;
+        tracing::debug!(
+            group = %gid,
+            mailboxes,
+            answered,
+            fresh = fresh.len(),
+            "read the group mailboxes"
+        );
         fresh.sort_by_key(|e| {
             let (k, i) = group_key_id(e).unwrap_or(([0; 16], 0));
             (e.timestamp, k, i)
