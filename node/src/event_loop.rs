@@ -936,7 +936,7 @@ impl EventLoop {
                     last = step.last,
                     "kad query progressed"
                 );
-                self.on_query_progressed(id, result, step, stats)
+                self.on_query_progressed(id, result, step)
             }
             _ => {}
         }
@@ -947,7 +947,6 @@ impl EventLoop {
         id: kad::QueryId,
         result: kad::QueryResult,
         step: kad::ProgressStep,
-        stats: kad::QueryStats,
     ) {
         match result {
             kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(r))) => {
@@ -977,12 +976,8 @@ impl EventLoop {
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => (peers, false),
                 };
                 let peers: Vec<PeerId> = peers.into_iter().map(|p| p.peer_id).collect();
-                tracing::debug!(
-                    requests = stats.num_requests(),
-                    took = ?stats.duration(),
-                    found = peers.len(),
-                    "closest-peers lookup done"
-                );
+                // Requests and time are on the "kad query progressed" line just before.
+                tracing::debug!(found = peers.len(), complete, "closest-peers lookup done");
                 if let Some((record, reply)) = self.pending_put_lookup.remove(&id) {
                     if peers.is_empty() {
                         let _ = reply.send(Err("no DHT peers to store the record on".into()));
