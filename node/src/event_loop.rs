@@ -994,7 +994,7 @@ impl EventLoop {
                 }
             }
             kad::QueryResult::Bootstrap(Ok(_)) => {}
-            other => tracing::trace!(?other, "kad query progressed"),
+            other => tracing::trace!(?other, "kad query result not acted on"),
         }
     }
 

@@ -1569,12 +1569,10 @@ impl Messenger {
                         return Ok(());
                     }
                     // A route is a guess: whatever went wrong, the presence records decide.
-                    Ok(Err(DeliveryFailure::Rejected(reason))) => {
-                        last = format!("the recipient's node is {reason}");
-                        self.forget_presence(to);
-                        continue;
-                    }
-                    Ok(Err(DeliveryFailure::Unreachable(_))) => {
+                    Ok(Err(failure)) => {
+                        if let DeliveryFailure::Rejected(reason) = failure {
+                            last = format!("the recipient's node is {reason}");
+                        }
                         self.forget_presence(to);
                         continue;
                     }

@@ -120,19 +120,28 @@ async fn user_gone_offline(boot: &Multiaddr) -> (TempDir, Identity) {
     (b.home, b.identity)
 }
 
-async fn next_message(
+/// The next message `rx` reports within `limit`, if one comes.
+async fn message_within(
     rx: &mut broadcast::Receiver<NodeEvent>,
-) -> meshchat_node::storage::StoredMessage {
-    tokio::time::timeout(WAIT, async {
+    limit: Duration,
+) -> Option<meshchat_node::storage::StoredMessage> {
+    tokio::time::timeout(limit, async {
         loop {
-            match rx.recv().await.expect("event stream open") {
-                NodeEvent::MessageReceived(m) => return m,
-                _ => continue,
+            match rx.recv().await {
+                Ok(NodeEvent::MessageReceived(m)) => return m,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => panic!("event stream closed"),
             }
         }
     })
     .await
-    .expect("a message arrives")
+    .ok()
+}
+
+async fn next_message(
+    rx: &mut broadcast::Receiver<NodeEvent>,
+) -> meshchat_node::storage::StoredMessage {
+    message_within(rx, WAIT).await.expect("a message arrives")
 }
 
 fn incoming(storage: &Storage, peer: &PublicIdentity) -> Vec<String> {
@@ -395,15 +404,9 @@ async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
     let a = start(vec![boot.clone()]).await;
     send_stored(&a, &b.identity.public(), "pushed").await;
     let stored_at = Instant::now();
-    let got = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            if let Ok(NodeEvent::MessageReceived(m)) = events.recv().await {
-                return m;
-            }
-        }
-    })
-    .await
-    .expect("pushed within 3 s, long before any poll");
+    let got = message_within(&mut events, Duration::from_secs(3))
+        .await
+        .expect("pushed within 3 s, long before any poll");
     assert_eq!(got.body, "pushed");
     println!(
         "pushed mail arrived {:?} after send returned",
@@ -430,28 +433,16 @@ async fn a_push_that_failed_is_tried_again_once_the_subscriber_is_reachable() {
     b.handle.block_peers(replicas.clone()).await.expect("block");
     let mut events = b.handle.subscribe();
     send_stored(&a, &b.identity.public(), "pushed again").await;
-    let quiet = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            if let Ok(NodeEvent::MessageReceived(m)) = events.recv().await {
-                return m;
-            }
-        }
-    })
-    .await;
     assert!(
-        quiet.is_err(),
+        message_within(&mut events, Duration::from_secs(1))
+            .await
+            .is_none(),
         "nothing arrives while B refuses its replicas"
     );
     b.handle.unblock_peers(replicas).await.expect("unblock");
-    let got = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(NodeEvent::MessageReceived(m)) = events.recv().await {
-                return m;
-            }
-        }
-    })
-    .await
-    .expect("a replica pushed it again");
+    let got = message_within(&mut events, Duration::from_secs(20))
+        .await
+        .expect("a replica pushed it again");
     assert_eq!(got.body, "pushed again");
     for n in [&a.handle, &b.handle] {
         n.shutdown().await;

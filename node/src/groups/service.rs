@@ -276,22 +276,12 @@ impl Opened {
     fn label(&self) -> &'static str {
         match self {
             Self::Stored { .. } => "stored",
-            Self::Hold {
-                reason: HoldReason::Key,
-                ..
-            } => "held: no sender key",
-            Self::Hold {
-                reason: HoldReason::Epoch,
-                ..
-            } => "held: later epoch",
-            Self::Hold {
-                reason: HoldReason::Gap,
-                ..
-            } => "held: earlier message missing",
-            Self::Hold {
-                reason: HoldReason::Ops { .. },
-                ..
-            } => "held: earlier ops missing",
+            Self::Hold { reason, .. } => match reason {
+                HoldReason::Key => "held: no sender key",
+                HoldReason::Epoch => "held: later epoch",
+                HoldReason::Gap => "held: earlier message missing",
+                HoldReason::Ops { .. } => "held: earlier ops missing",
+            },
             Self::Duplicate => "duplicate",
             Self::Replay => "replay",
             Self::NotOurs => "not ours",
