@@ -49,6 +49,11 @@ pub struct NodeConfig {
     /// How long `send_text` tries to reach the recipient directly before it reports the message
     /// as queued in the outbox.
     pub send_timeout: Duration,
+    /// How long a message (or a group control: an invite, a sender key) that could be neither
+    /// delivered nor stored in a mailbox waits before the outbox tries it again; the wait
+    /// doubles after each failure, up to 10 minutes. A peer that shows it is online (a message
+    /// from it, a group member asking for its sender key) is tried at once. Default 2 s.
+    pub first_retry: Duration,
     /// Connection and record limits.
     pub limits: Limits,
     /// Offline delivery: replicas per envelope, quorum, collection and repair intervals, and
@@ -82,6 +87,7 @@ impl NodeConfig {
             relay: RelayLimits::default(),
             serve_control: false,
             send_timeout: DEFAULT_SEND_TIMEOUT,
+            first_retry: DEFAULT_FIRST_RETRY,
             limits: Limits::default(),
             mailbox: crate::mailbox::Config::default(),
             groups: crate::groups::Config::default(),
@@ -110,6 +116,9 @@ impl NodeConfig {
 
 /// Default for [`NodeConfig::send_timeout`].
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for [`NodeConfig::first_retry`].
+pub const DEFAULT_FIRST_RETRY: Duration = Duration::from_secs(2);
 
 /// Default for [`NodeConfig::relay_reservations`]: two relays, so that losing one leaves the
 /// node reachable while it finds another.

@@ -90,7 +90,8 @@ const ADDRESS_DEBOUNCE: Duration = Duration::from_millis(500);
 const CONTACT_CHECK: Duration = Duration::from_secs(5);
 /// How often the outbox is scanned for due entries.
 const OUTBOX_TICK: Duration = Duration::from_secs(1);
-/// First retry delay; doubled per attempt up to [`MAX_BACKOFF`].
+/// First retry delay of a record publication; doubled per attempt up to [`MAX_PUBLISH_RETRY`].
+/// (The outbox's first delay is [`crate::NodeConfig::first_retry`].)
 const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(10 * 60);
@@ -337,6 +338,8 @@ pub(crate) struct Messenger {
     events: broadcast::Sender<NodeEvent>,
     addrs: watch::Receiver<Vec<Multiaddr>>,
     send_timeout: Duration,
+    /// The outbox's first retry delay (doubled per attempt up to [`MAX_BACKOFF`]).
+    first_retry: Duration,
     /// Serialises each peer's ratchet updates.
     peer_locks: Arc<PeerLocks>,
     /// Serialises changes of the prekey secrets and the replay cache.
@@ -426,10 +429,10 @@ fn stopped(_: LoopStopped) -> NodeError {
     NodeError::Stopped
 }
 
-/// Retry delay after `attempts` failed attempts.
-fn backoff(attempts: u32) -> Duration {
+/// Retry delay after `attempts` failed attempts, the first after `first`.
+fn backoff(first: Duration, attempts: u32) -> Duration {
     let factor = 1u32 << attempts.saturating_sub(1).min(16);
-    FIRST_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
+    first.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
 fn load_session(storage: &Storage, peer: &PublicIdentity) -> Result<SessionRecord, NodeError> {
@@ -471,9 +474,11 @@ impl Messenger {
         events: broadcast::Sender<NodeEvent>,
         addrs: watch::Receiver<Vec<Multiaddr>>,
         send_timeout: Duration,
+        first_retry: Duration,
         mailbox: mailbox::Config,
     ) -> Self {
         Self {
+            first_retry,
             me: identity.public(),
             storage,
             identity,
@@ -998,7 +1003,8 @@ impl Messenger {
             Err(DeliveryFailure::Unreachable(reason)) => {
                 let attempts = attempts.saturating_add(1);
                 let next = unix_now_ms().saturating_add(
-                    u64::try_from(backoff(attempts).as_millis()).unwrap_or(u64::MAX),
+                    u64::try_from(backoff(self.first_retry, attempts).as_millis())
+                        .unwrap_or(u64::MAX),
                 );
                 blocking(move || Ok(storage.reschedule(&id, attempts, next)?)).await?;
                 Ok(SendOutcome::Queued { reason })
@@ -1412,9 +1418,15 @@ impl Messenger {
             self.trigger_publish();
         }
         if let Some(sender) = processed.sender {
-            lock(&self.wake_peers).insert(sender);
-            self.outbox_kick.notify_one();
+            self.wake_outbox([sender]);
         }
+    }
+
+    /// Try what the outbox holds for `peers` now, whatever their backoff says (they showed
+    /// that they are online, or asked for something we owe them).
+    pub(crate) fn wake_outbox(&self, peers: impl IntoIterator<Item = PublicIdentity>) {
+        lock(&self.wake_peers).extend(peers);
+        self.outbox_kick.notify_one();
     }
 
     /// Collect at start, on every reconnect, when asked, and every `collect_interval`; a round
@@ -2040,13 +2052,13 @@ impl Messenger {
                 Ok(report) => {
                     failures = failures.saturating_add(1);
                     tracing::debug!(?report, "publication incomplete; retrying");
-                    next = now + backoff(failures).min(MAX_PUBLISH_RETRY);
+                    next = now + backoff(FIRST_BACKOFF, failures).min(MAX_PUBLISH_RETRY);
                 }
                 Err(NodeError::Stopped) => return,
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %e, "publishing records failed");
-                    next = now + backoff(failures).min(MAX_PUBLISH_RETRY);
+                    next = now + backoff(FIRST_BACKOFF, failures).min(MAX_PUBLISH_RETRY);
                 }
             }
         }

@@ -257,6 +257,7 @@ impl Node {
             events.clone(),
             addrs_rx.clone(),
             config.send_timeout,
+            config.first_retry,
             config.mailbox.clone(),
         ));
         messenger.ensure_prekeys().await?;

@@ -3,7 +3,7 @@
 //! member that was offline catches up from the group mailbox; a removed member can decrypt
 //! nothing that follows; a non-member on the topic learns nothing; forged, oversized and
 //! replayed messages are dropped and cost their sender score and strikes; a group of two
-//! delivers its first message.
+//! delivers its first message; a member back without a writer's sender key asks for it.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -68,14 +68,16 @@ async fn start_in(home: TempDir, identity: Identity, config: NodeConfig) -> Test
     }
 }
 
-async fn start(bootstrap: Vec<Multiaddr>) -> TestNode {
+/// A node with a fresh identity and home, its configuration changed by `tweak`.
+async fn start_with(bootstrap: Vec<Multiaddr>, tweak: fn(&mut NodeConfig)) -> TestNode {
     let home = tempfile::tempdir().expect("tempdir");
     let identity = Identity::generate(&mut OsRng);
     Storage::open(home.path())
         .expect("open storage")
         .save_identity(&identity)
         .expect("save identity");
-    let config = config(home.path(), bootstrap);
+    let mut config = config(home.path(), bootstrap);
+    tweak(&mut config);
     start_in(home, identity, config).await
 }
 
@@ -103,10 +105,15 @@ async fn publish(node: &TestNode, contacts: usize) {
 /// A bootstrap node and `n` users; the first user (the admin) and every other one are
 /// contacts of each other; the others are strangers to each other.
 async fn users(n: usize) -> (TestNode, Vec<TestNode>) {
-    let boot = start(Vec::new()).await;
+    users_with(n, |_| {}).await
+}
+
+/// [`users`], every node (the bootstrap node too) configured with `tweak`.
+async fn users_with(n: usize, tweak: fn(&mut NodeConfig)) -> (TestNode, Vec<TestNode>) {
+    let boot = start_with(Vec::new(), tweak).await;
     let mut users = Vec::new();
     for _ in 0..n {
-        users.push(start(vec![boot.addr.clone()]).await);
+        users.push(start_with(vec![boot.addr.clone()], tweak).await);
     }
     for (i, u) in users.iter().enumerate().skip(1) {
         users[0]
@@ -446,6 +453,76 @@ async fn a_member_offline_for_part_of_the_conversation_catches_up_in_order_once(
     assert_eq!(back.handle.group_collect().await.expect("collect"), 0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_received(&back, &group, &expected);
+}
+
+/// No node keeps mail for others, and the outbox waits a minute before its first retry: a
+/// sender key handed out while its member is away stays in its writer's outbox for that
+/// minute.
+fn no_mailboxes_and_a_slow_outbox(config: &mut NodeConfig) {
+    config.mailbox.serve = false;
+    config.first_retry = Duration::from_secs(60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_back_without_a_writers_sender_key_asks_for_it_and_reads_within_seconds() {
+    let (boot, mut users) = users_with(2, no_mailboxes_and_a_slow_outbox).await;
+    let group = form_group(&users, "asking").await;
+    // The member writes first, so the writer holds the member's chain: the request that
+    // follows opens at the writer without any 1:1 message on the way.
+    users[1]
+        .handle
+        .group_send(&group, "hello".into())
+        .await
+        .expect("send");
+    eventually("the writer has the member's first message", || async {
+        received(users[0].handle.storage(), &group).len() == 1
+    })
+    .await;
+
+    let away = users.remove(1);
+    away.handle.shutdown().await;
+    drop(away.handle);
+    // The writer's first message: its chain's hand-out to the member can neither be delivered
+    // nor stored, so it waits in the outbox for its retry a minute later; the message itself
+    // waits in the writer's node until a member subscribes to the topic.
+    let writer = &users[0];
+    let report = writer
+        .handle
+        .group_send(&group, "while you were away".into())
+        .await
+        .expect("send");
+    assert_eq!(report.outcome, GroupSendOutcome::Queued, "{report:?}");
+    // Long enough for the hand-out's first attempt to fail (3 s send timeout, then the store).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    let started = Instant::now();
+    let config = {
+        let mut c = config(away.home.path(), vec![boot.addr.clone()]);
+        no_mailboxes_and_a_slow_outbox(&mut c);
+        c
+    };
+    let back = start_in(away.home, away.identity, config).await;
+    // The message comes over gossipsub as soon as the member subscribes; it is held without
+    // its key until the member asks the group and the writer's outbox tries the hand-out at
+    // once, ~50 s before its retry.
+    let limit = Duration::from_secs(30);
+    let deadline = Instant::now() + limit;
+    loop {
+        let got = received(back.handle.storage(), &group);
+        if got.iter().any(|m| m.body == "while you were away") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer's message was not readable within {limit:?} of the member's return: {:?}",
+            got.iter().map(|m| &m.body).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "member back without a sender key: read the message {:?} after its return",
+        started.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

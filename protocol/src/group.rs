@@ -78,6 +78,8 @@ pub const CHAIN_MESSAGE_INPUT: u8 = crate::ratchet::KDF_CK_MESSAGE;
 pub const CHAIN_NEXT_INPUT: u8 = crate::ratchet::KDF_CK_CHAIN;
 /// Length of the key id in a group message header.
 pub const KEY_ID_BYTES: usize = 16;
+/// Most sender keys one [`GroupBody::KeyRequest`] may ask for.
+pub const MAX_KEY_REQUEST_IDS: usize = 16;
 
 /// Largest wire encoding of a [`MembershipOp`] (version, group, seq, prev, author, time,
 /// the largest change (Create: variant, name, key), signature, group signature).
@@ -1277,6 +1279,14 @@ pub enum GroupBody {
     Text(String),
     /// A membership op, broadcast to the group (variant 1).
     Op(MembershipOp),
+    /// The author holds messages of these sender chains (by `key_id`, 1 to
+    /// [`MAX_KEY_REQUEST_IDS`]) and lacks their keys: their owner hands them out again
+    /// (variant 2). Only the owner of a chain knows its `key_id` belongs to it; the request
+    /// reveals nothing more to the members than that the author is waiting.
+    KeyRequest {
+        /// The key ids asked for.
+        key_ids: Vec<[u8; KEY_ID_BYTES]>,
+    },
 }
 
 impl fmt::Debug for GroupBody {
@@ -1285,6 +1295,13 @@ impl fmt::Debug for GroupBody {
         match self {
             Self::Text(t) => f.debug_struct("Text").field("len", &t.len()).finish(),
             Self::Op(op) => f.debug_tuple("Op").field(op).finish(),
+            Self::KeyRequest { key_ids } => f
+                .debug_struct("KeyRequest")
+                .field(
+                    "key_ids",
+                    &key_ids.iter().map(|k| hex(k)).collect::<Vec<_>>(),
+                )
+                .finish(),
         }
     }
 }
@@ -1384,6 +1401,14 @@ fn check_body(body: &GroupBody, group: GroupId) -> Result<(), GroupError> {
             Err(GroupError::TooLarge { len: t.len() })
         }
         GroupBody::Op(op) if op.body.group != group => Err(GroupError::WrongGroup),
+        GroupBody::KeyRequest { key_ids } if key_ids.is_empty() => Err(GroupError::Malformed {
+            why: "key request names no key",
+        }),
+        GroupBody::KeyRequest { key_ids } if key_ids.len() > MAX_KEY_REQUEST_IDS => {
+            Err(GroupError::Malformed {
+                why: "key request names too many keys",
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -2269,6 +2294,69 @@ mod tests {
             open_group(&f.state, &mut f.bob_has_alice, &env, NOW),
             Err(GroupError::Replay { iteration: 0 })
         );
+    }
+
+    #[test]
+    fn a_key_request_seals_and_opens_and_must_name_one_to_sixteen_keys() {
+        let mut f = fixture();
+        let wanted = vec![[9u8; KEY_ID_BYTES], [8u8; KEY_ID_BYTES]];
+        let env = seal_group(
+            &f.state,
+            &id(1),
+            &mut f.alice_chain,
+            &f.secret,
+            GroupBody::KeyRequest {
+                key_ids: wanted.clone(),
+            },
+            MessageId([1; 16]),
+            NOW_MS,
+            &mut f.r,
+        )
+        .expect("seals");
+        let opened = open_group(&f.state, &mut f.bob_has_alice, &env, NOW).expect("opens");
+        assert_eq!(opened.body, GroupBody::KeyRequest { key_ids: wanted });
+        assert!(!format!("{:?}", opened.body).is_empty());
+
+        let iteration = f.alice_chain.iteration();
+        for key_ids in [
+            Vec::new(),
+            vec![[1u8; KEY_ID_BYTES]; MAX_KEY_REQUEST_IDS + 1],
+        ] {
+            let refused = seal_group(
+                &f.state,
+                &id(1),
+                &mut f.alice_chain,
+                &f.secret,
+                GroupBody::KeyRequest { key_ids },
+                MessageId([2; 16]),
+                NOW_MS,
+                &mut f.r,
+            );
+            assert!(
+                matches!(refused, Err(GroupError::Malformed { .. })),
+                "{refused:?}"
+            );
+            assert_eq!(
+                f.alice_chain.iteration(),
+                iteration,
+                "the chain did not move"
+            );
+        }
+        // One signed by its author anyway is refused by the receiver, as hostile.
+        let kid = f.alice_chain.key_id;
+        let (p, rk) = signed(
+            &f,
+            &id(1),
+            id(1).public(),
+            kid,
+            iteration,
+            GroupBody::KeyRequest {
+                key_ids: Vec::new(),
+            },
+        );
+        let env = seal_raw(&f.alice_chain, iteration, &p, rk);
+        let err = open_group(&f.state, &mut f.bob_has_alice, &env, NOW).expect_err("refused");
+        assert!(err.is_hostile(), "{err}");
     }
 
     #[test]

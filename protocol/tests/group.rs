@@ -99,7 +99,7 @@ impl Device {
 fn text(p: &GroupPlaintext) -> &str {
     match &p.body {
         GroupBody::Text(t) => t,
-        GroupBody::Op(_) => panic!("not a text"),
+        other => panic!("not a text: {other:?}"),
     }
 }
 

@@ -7,12 +7,13 @@
 //! gossip_worker  ◄─ GossipInbound (event loop) ─► process ─► report Accept / Reject / Ignore
 //! inbox_worker   ◄─ ControlSink (1:1 receive path) ─► invites, sender keys, ops, rekeys
 //! collector      ─► group mailboxes ─► process (sorted by chain position)
-//! maintenance    ─► held envelopes, mailbox retries, presence records, dialling members
+//! maintenance    ─► held envelopes, sender-key requests, mailbox retries, presence records,
+//!                   dialling members
 //! ```
 //!
 //! This file holds the service, the user's operations and sending; [`receive`] the validation
 //! and opening of what arrives and the control inbox; [`upkeep`] catch-up, retries, presence
-//! and connections.
+//! and connections; [`keys`] asking for sender keys that do not arrive, and answering.
 //!
 //! One async lock (`lock`) serialises every read-modify-write of group state, chains and
 //! seen marks; the storage work under it runs on `spawn_blocking`. Nothing waits on the network
@@ -49,6 +50,7 @@ use rand::{rngs::OsRng, seq::SliceRandom, RngCore};
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, watch, Mutex, Notify};
 
+mod keys;
 mod receive;
 mod upkeep;
 
@@ -97,6 +99,19 @@ const FIRST_HANDOUT_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_HANDOUT_BACKOFF: Duration = Duration::from_secs(300);
 /// A sender-key hand-out is retried for this long at most.
 const MAX_HANDOUT_RETRY: Duration = Duration::from_secs(86_400);
+/// A sender key missing this long, plus a random share of [`KEY_REQUEST_SPREAD`] and of
+/// [`KEY_REQUEST_SPREAD_PER_MEMBER`] for each member (so that in a large group one member asks
+/// first and the others, seeing its request, need not), is asked for with a
+/// `GroupBody::KeyRequest`: the hand-out usually arrives beside the message.
+const KEY_REQUEST_AFTER: Duration = Duration::from_secs(3);
+const KEY_REQUEST_SPREAD: Duration = Duration::from_secs(3);
+const KEY_REQUEST_SPREAD_PER_MEMBER: Duration = Duration::from_millis(20);
+/// A key still missing (or asked for by another member) is asked for again after this.
+const KEY_REQUEST_AGAIN: Duration = Duration::from_secs(30);
+/// Our key requests in one group are at least this far apart.
+const KEY_REQUEST_EVERY: Duration = Duration::from_secs(10);
+/// One member's key requests in a group are acted on at most this often.
+const KEY_ANSWER_EVERY: Duration = Duration::from_secs(5);
 /// Group presence records are re-published this often (and on a new day, a new secret, new
 /// addresses).
 const PRESENCE_REPUBLISH: Duration = Duration::from_secs(15 * 60);
@@ -242,6 +257,8 @@ struct Effects {
     reissue: Vec<MembershipOp>,
     /// We must give the group mailbox a new secret (someone left, we are the first admin).
     rekey: bool,
+    /// A member asked for these sender keys (a `KeyRequest`; boxed: an identity is large).
+    key_request: Option<Box<(PublicIdentity, Vec<[u8; 16]>)>>,
     /// Members whose Leave lost a tie against a concurrent op: as the first admin we complete
     /// their departure with a Remove (they no longer listen to re-issue it themselves).
     complete_leave: Vec<PublicIdentity>,
@@ -347,6 +364,15 @@ pub(crate) struct GroupService {
     store_in_flight: StdMutex<HashSet<Vec<u8>>>,
     /// When a sign of being behind the membership last asked for a collection.
     behind_at: StdMutex<Option<Instant>>,
+    /// Sender keys we hold envelopes for and lack: when to ask for each (bounded by the
+    /// held envelopes).
+    key_wants: StdMutex<HashMap<(GroupId, [u8; 16]), Instant>>,
+    /// When we last asked for keys in each group.
+    key_asked: StdMutex<HashMap<GroupId, Instant>>,
+    /// When we last acted on a member's key request in a group.
+    key_answered: StdMutex<HashMap<(GroupId, PublicIdentity), Instant>>,
+    /// Wakes the sender-key hand-outs of a group that wait to be tried again.
+    handout_wake: StdMutex<HashMap<GroupId, Arc<Notify>>>,
 }
 
 impl std::fmt::Debug for GroupService {
@@ -401,6 +427,10 @@ impl GroupService {
             published: StdMutex::new(HashMap::new()),
             store_in_flight: StdMutex::new(HashSet::new()),
             behind_at: StdMutex::new(None),
+            key_wants: StdMutex::new(HashMap::new()),
+            key_asked: StdMutex::new(HashMap::new()),
+            key_answered: StdMutex::new(HashMap::new()),
+            handout_wake: StdMutex::new(HashMap::new()),
         });
         Ok((service, sink))
     }
@@ -853,7 +883,7 @@ impl GroupService {
             Ok(match open_group(&rec.state, &mut chain, &env, unix_now()) {
                 Ok(pt) => match pt.body {
                     GroupBody::Text(t) => Some(t),
-                    GroupBody::Op(_) => Some(String::new()),
+                    GroupBody::Op(_) | GroupBody::KeyRequest { .. } => Some(String::new()),
                 },
                 Err(GroupError::AuthorDeparted) => Some(String::new()),
                 Err(_) => None,
@@ -950,7 +980,7 @@ impl GroupService {
         let iteration = own.chain.iteration();
         let text = match &body {
             GroupBody::Text(t) => Some(t.clone()),
-            GroupBody::Op(_) => None,
+            GroupBody::Op(_) | GroupBody::KeyRequest { .. } => None,
         };
         let sealed = seal_group(
             &rec.state,
@@ -1162,7 +1192,12 @@ impl GroupService {
             if started.elapsed() > MAX_HANDOUT_RETRY {
                 break;
             }
-            tokio::time::sleep(backoff).await;
+            // A member asking for this key (`answer_key_request`) cuts the wait short.
+            let wake = Arc::clone(lock(&self.handout_wake).entry(group).or_default());
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = wake.notified() => {}
+            }
             backoff = (backoff * 2).min(MAX_HANDOUT_BACKOFF);
             let store = self.store.clone();
             let still_wanted = blocking(move || {

@@ -203,6 +203,12 @@ impl GroupService {
                 group: Some(gid.0),
             }),
             GroupBody::Text(_) => None,
+            GroupBody::KeyRequest { key_ids } => {
+                if plaintext.author != self.me {
+                    effects.key_request = Some(Box::new((plaintext.author, key_ids)));
+                }
+                None
+            }
             GroupBody::Op(op) => {
                 match self.apply_op(&mut rec, &op) {
                     Ok(e) => {
@@ -480,6 +486,10 @@ impl GroupService {
     /// dropped ops, retry what waits for the state.
     pub(super) async fn act_on(self: &Arc<Self>, gid: GroupId, effects: Effects) {
         let mut effects = effects;
+        if let Some(request) = effects.key_request.take() {
+            let (from, key_ids) = *request;
+            self.answer_key_request(gid, from, key_ids).await;
+        }
         let reissue = std::mem::take(&mut effects.reissue);
         let complete = std::mem::take(&mut effects.complete_leave);
         self.act_on_state(gid, &effects).await;

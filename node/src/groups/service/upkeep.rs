@@ -215,6 +215,7 @@ impl GroupService {
                 _ = tick.tick() => {}
             }
             self.expire_held().await;
+            self.ask_for_keys().await;
             // Still holding ops for the ops before them: the collection that noticed it may
             // have come before those were in the group mailbox (their stores retry with
             // backoff), so ask again now and then rather than wait for the periodic round
