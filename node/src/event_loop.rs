@@ -533,6 +533,17 @@ impl EventLoop {
         for id in due {
             self.finish_get(id);
         }
+        for (id, count) in self.closest.overdue(now) {
+            let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) else {
+                continue;
+            };
+            let heard = query.stats().num_successes();
+            if usize::try_from(heard).is_ok_and(|n| n >= count) {
+                tracing::debug!(heard, count, "closest-peers lookup cut short");
+                query.finish();
+                self.closest.cut(id);
+            }
+        }
         self.nat_tick();
         while let Some((until, peer)) = self.bans.front().copied() {
             if until > now {
@@ -725,7 +736,8 @@ impl EventLoop {
                     .behaviour_mut()
                     .kad
                     .get_n_closest_peers(key.clone(), count);
-                self.closest.started(id, key, count.get(), reply);
+                self.closest
+                    .started(id, key, count.get(), reply, Instant::now());
             }
             Command::MailboxRequest {
                 peer,

@@ -95,6 +95,8 @@ const OUTBOX_TICK: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(10 * 60);
+/// How long a mailbox store waits for the other replicas' answers once a quorum acknowledged.
+const STORE_GRACE: Duration = Duration::from_millis(500);
 /// Peers whose outbox entries are retried concurrently.
 const OUTBOX_PARALLEL_PEERS: usize = 4;
 /// DHT puts in flight at once while publishing.
@@ -1116,8 +1118,9 @@ impl Messenger {
         }
     }
 
-    /// STORE `envelope` on the `r` peers closest to its mailbox id; `Ok(n)` once `n` replicas
-    /// acknowledged durably and `n` reaches the quorum (or all peers found, if fewer exist).
+    /// STORE `envelope` on the `r` peers closest to its mailbox id; `Ok(n)` as soon as `n`
+    /// replicas acknowledged durably and `n` reaches the quorum (or all peers found, if fewer
+    /// exist).
     pub(crate) async fn store_in_mailbox(&self, envelope: &Envelope) -> Result<usize, String> {
         let expected = envelope.id();
         let peers = self
@@ -1128,21 +1131,45 @@ impl Messenger {
         if peers.is_empty() {
             return Err("no DHT peers to hold the mailbox".into());
         }
-        let results = futures::future::join_all(peers.iter().map(|peer| {
-            self.net.mailbox_request(
-                *peer,
-                MailboxRequest::Store {
-                    envelope: envelope.clone(),
-                },
-            )
-        }))
-        .await;
+        let needed = self.mailbox.quorum.max(1).min(peers.len());
+        // Answered at most [`STORE_GRACE`] after a quorum acknowledged: the other requests are
+        // on their way and their replicas store the envelope all the same (a slow replica's
+        // 15 s timeout is not on the path of `send`).
+        let mut results: futures::stream::FuturesUnordered<_> = peers
+            .iter()
+            .map(|peer| async move {
+                let r = self
+                    .net
+                    .mailbox_request(
+                        *peer,
+                        MailboxRequest::Store {
+                            envelope: envelope.clone(),
+                        },
+                    )
+                    .await;
+                (*peer, r)
+            })
+            .collect();
         let mut acks = 0;
         let mut last = String::new();
-        for (peer, r) in peers.iter().zip(results) {
+        let mut quorum_at: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match quorum_at {
+                None => results.next().await,
+                Some(at) => match tokio::time::timeout_at(at + STORE_GRACE, results.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let Some((peer, r)) = next else {
+                break;
+            };
             match r {
                 Ok(Ok(MailboxResponse::Stored { envelope_id, .. })) if envelope_id == expected => {
-                    acks += 1
+                    acks += 1;
+                    if acks >= needed {
+                        quorum_at.get_or_insert_with(tokio::time::Instant::now);
+                    }
                 }
                 Ok(Ok(MailboxResponse::Refused { reason })) => {
                     last = format!("replica {peer} refused: {reason}")
@@ -1152,7 +1179,6 @@ impl Messenger {
                 Err(LoopStopped) => return Err("the node is shutting down".into()),
             }
         }
-        let needed = self.mailbox.quorum.max(1).min(peers.len());
         tracing::debug!(acks, needed, "stored an envelope in a mailbox");
         if acks >= needed {
             Ok(acks)

@@ -10,6 +10,13 @@
 //! it names a peer that can no longer be dialled, or the routing table learns of a peer closer
 //! to the key than the farthest one it names (a replica coming back, a new node) — the next
 //! asker then looks up afresh.
+//!
+//! A lookup that has run for [`PATIENCE`] and already heard from as many peers as it asked for
+//! is cut short by the event loop (Kademlia then answers with the closest peers that responded
+//! so far): on a congested network a lookup otherwise runs to its 20 s timeout waiting for
+//! peers slower than the ones it has, and every mailbox store waited for it (a `send` took
+//! 42 s at its median among 1,000 nodes, docs/performance.md). A cut answer is not
+//! remembered.
 
 use std::{
     collections::HashMap,
@@ -25,6 +32,8 @@ use tokio::sync::oneshot;
 
 /// How long a lookup's answer is reused.
 pub(super) const TTL: Duration = Duration::from_secs(60);
+/// How long a lookup runs before it may be cut short.
+pub(super) const PATIENCE: Duration = Duration::from_secs(5);
 /// Answers remembered at once; beyond, expired ones are dropped, then all.
 const MAX_CACHED: usize = 4_096;
 
@@ -53,6 +62,9 @@ struct Running {
     key: Vec<u8>,
     count: usize,
     waiters: Vec<(usize, Reply)>,
+    started: Instant,
+    /// Cut short: its answer may miss closer peers.
+    cut: bool,
 }
 
 /// The cache and the lookups in flight, by query id `Q` (Kademlia's `QueryId`).
@@ -103,8 +115,15 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
         Some(reply)
     }
 
-    /// A lookup for `key` (up to `count` peers) started as query `id`, for `reply`.
-    pub(super) fn started(&mut self, id: Q, key: Vec<u8>, count: usize, reply: Reply) {
+    /// A lookup for `key` (up to `count` peers) started as query `id` at `now`, for `reply`.
+    pub(super) fn started(
+        &mut self,
+        id: Q,
+        key: Vec<u8>,
+        count: usize,
+        reply: Reply,
+        now: Instant,
+    ) {
         self.by_key.insert(key.clone(), id);
         self.running.insert(
             id,
@@ -112,8 +131,27 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
                 key,
                 count,
                 waiters: vec![(count, reply)],
+                started: now,
+                cut: false,
             },
         );
+    }
+
+    /// Lookups that have run for [`PATIENCE`] and were not cut short yet, with the number of
+    /// peers each asked for.
+    pub(super) fn overdue(&self, now: Instant) -> Vec<(Q, usize)> {
+        self.running
+            .iter()
+            .filter(|(_, r)| !r.cut && now.saturating_duration_since(r.started) >= PATIENCE)
+            .map(|(id, r)| (*id, r.count))
+            .collect()
+    }
+
+    /// Lookup `id` is being cut short: its answer is passed on but not remembered.
+    pub(super) fn cut(&mut self, id: Q) {
+        if let Some(r) = self.running.get_mut(&id) {
+            r.cut = true;
+        }
     }
 
     /// Query `id` ended with `peers` (closest first); `complete` unless it timed out. Answers
@@ -135,7 +173,7 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
         for (count, reply) in running.waiters {
             let _ = reply.send(peers.iter().take(count).copied().collect());
         }
-        if complete && !peers.is_empty() {
+        if complete && !running.cut && !peers.is_empty() {
             if self.cache.len() >= MAX_CACHED {
                 self.cache
                     .retain(|_, c| now.saturating_duration_since(c.at) < TTL);
@@ -202,7 +240,7 @@ mod tests {
         let found = peers(5);
         let (answered, _rx, reply) = ask(&mut c, b"k", 5, t0);
         assert!(!answered, "nothing remembered: look it up");
-        c.started(1, b"k".to_vec(), 5, reply.expect("handed back"));
+        c.started(1, b"k".to_vec(), 5, reply.expect("handed back"), t0);
         assert!(c.finished(1, found.clone(), true, t0));
         let (answered, mut rx, _) = ask(&mut c, b"k", 3, t0 + Duration::from_secs(59));
         assert!(answered);
@@ -218,12 +256,12 @@ mod tests {
         let mut c = Closest::default();
         let t0 = Instant::now();
         let (_, _, reply) = ask(&mut c, b"k", 3, t0);
-        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"));
+        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"), t0);
         c.finished(1, peers(3), true, t0);
         assert!(!ask(&mut c, b"k", 10, t0).0, "asked for 3: more may exist");
         // A lookup for 10 that found 4: the network has no more; 10 are answered with those.
         let (_, _, reply) = ask(&mut c, b"small", 10, t0);
-        c.started(2, b"small".to_vec(), 10, reply.expect("handed back"));
+        c.started(2, b"small".to_vec(), 10, reply.expect("handed back"), t0);
         c.finished(2, peers(4), true, t0);
         let (answered, mut rx, _) = ask(&mut c, b"small", 10, t0);
         assert!(answered);
@@ -235,7 +273,7 @@ mod tests {
         let mut c = Closest::default();
         let t0 = Instant::now();
         let (_, mut first, reply) = ask(&mut c, b"k", 5, t0);
-        c.started(7, b"k".to_vec(), 5, reply.expect("handed back"));
+        c.started(7, b"k".to_vec(), 5, reply.expect("handed back"), t0);
         let (joined, mut second, _) = ask(&mut c, b"k", 2, t0);
         assert!(joined, "waits for the running lookup");
         assert!(!ask(&mut c, b"k", 6, t0).0, "wants more than it asks for");
@@ -248,10 +286,29 @@ mod tests {
             "a timed-out lookup is not remembered"
         );
         let (_, _, reply) = ask(&mut c, b"k", 2, t0);
-        c.started(8, b"k".to_vec(), 2, reply.expect("handed back"));
+        c.started(8, b"k".to_vec(), 2, reply.expect("handed back"), t0);
         c.finished(8, Vec::new(), true, t0);
         assert!(!ask(&mut c, b"k", 2, t0).0, "nor an empty one");
         assert!(!c.finished(99, Vec::new(), true, t0), "not ours");
+    }
+
+    #[test]
+    fn a_lookup_is_overdue_after_the_patience_once_and_a_cut_answer_is_not_kept() {
+        let mut c = Closest::default();
+        let t0 = Instant::now();
+        let (_, mut rx, reply) = ask(&mut c, b"k", 3, t0);
+        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"), t0);
+        assert!(c.overdue(t0 + PATIENCE / 2).is_empty());
+        assert_eq!(c.overdue(t0 + PATIENCE), vec![(1, 3)]);
+        c.cut(1);
+        assert!(c.overdue(t0 + PATIENCE * 2).is_empty(), "cut once");
+        let found = peers(3);
+        assert!(c.finished(1, found.clone(), true, t0 + PATIENCE));
+        assert_eq!(rx.try_recv().expect("answered"), found);
+        assert!(
+            !ask(&mut c, b"k", 3, t0 + PATIENCE).0,
+            "a cut answer is not remembered"
+        );
     }
 
     #[test]
@@ -263,7 +320,7 @@ mod tests {
         all.sort_by_key(|p| target.distance(&KBucketKey::from(*p)));
         let (closer, found, farther) = (all[0], all[1..4].to_vec(), all[39]);
         let (_, _, reply) = ask(&mut c, b"k", 3, t0);
-        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"));
+        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"), t0);
         c.finished(1, found.clone(), true, t0);
         c.peer_routed(&farther);
         c.peer_routed(&found[2]);
@@ -278,7 +335,7 @@ mod tests {
         );
         // An answer with fewer peers than asked for: any new peer may belong in it.
         let (_, _, reply) = ask(&mut c, b"k", 5, t0);
-        c.started(2, b"k".to_vec(), 5, reply.expect("handed back"));
+        c.started(2, b"k".to_vec(), 5, reply.expect("handed back"), t0);
         c.finished(2, found.clone(), true, t0);
         assert!(ask(&mut c, b"k", 5, t0).0);
         c.peer_routed(&farther);
@@ -291,7 +348,7 @@ mod tests {
         let t0 = Instant::now();
         let found = peers(3);
         let (_, _, reply) = ask(&mut c, b"k", 3, t0);
-        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"));
+        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"), t0);
         c.finished(1, found.clone(), true, t0);
         c.forget_peer(&PeerId::random());
         assert!(ask(&mut c, b"k", 3, t0).0, "another peer: kept");
