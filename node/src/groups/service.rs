@@ -99,14 +99,19 @@ const FIRST_HANDOUT_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_HANDOUT_BACKOFF: Duration = Duration::from_secs(300);
 /// A sender-key hand-out is retried for this long at most.
 const MAX_HANDOUT_RETRY: Duration = Duration::from_secs(86_400);
-/// A sender key missing this long, plus a random share of [`KEY_REQUEST_SPREAD`] and of
-/// [`KEY_REQUEST_SPREAD_PER_MEMBER`] for each member (so that in a large group one member asks
-/// first and the others, seeing its request, need not), is asked for with a
-/// `GroupBody::KeyRequest`: the hand-out usually arrives beside the message.
-const KEY_REQUEST_AFTER: Duration = Duration::from_secs(3);
-const KEY_REQUEST_SPREAD: Duration = Duration::from_secs(3);
-const KEY_REQUEST_SPREAD_PER_MEMBER: Duration = Duration::from_millis(20);
-/// A key still missing (or asked for by another member) is asked for again after this.
+/// A sender key missing this long (plus a random share of [`KEY_REQUEST_SPREAD`]) may be asked
+/// for with a `GroupBody::KeyRequest`: the hand-out usually arrives beside the message, or
+/// within seconds. A member that has no current chain of its own waits
+/// [`KEY_REQUEST_AFTER_SILENT`]: its request would first hand its chain to every member.
+const KEY_REQUEST_AFTER: Duration = Duration::from_secs(10);
+const KEY_REQUEST_AFTER_SILENT: Duration = Duration::from_secs(60);
+const KEY_REQUEST_SPREAD: Duration = Duration::from_secs(5);
+/// How many members, whatever the group's size, are expected to ask for one missing key in a
+/// round: each member lacking it asks with probability `min(1, this / members)` (the owner's
+/// answer wakes every hand-out of the key, so one request serves all).
+const KEY_REQUEST_ASKERS: f64 = 4.0;
+/// A key still missing (whether we asked, drew not to, or saw another member ask) is
+/// considered again after this.
 const KEY_REQUEST_AGAIN: Duration = Duration::from_secs(30);
 /// Our key requests in one group are at least this far apart.
 const KEY_REQUEST_EVERY: Duration = Duration::from_secs(10);
@@ -144,6 +149,9 @@ const COLLECT_FOLLOWUPS: u32 = 3;
 const SEEN_RETENTION_MS: u64 = (meshchat_protocol::group::GROUP_TTL_SECS as u64 + 86_400) * 1000;
 /// The domain of the group presence secret.
 const GROUP_PRESENCE_DOMAIN: &[u8] = b"meshchat/group-presence/v1";
+
+/// A sender key we lack: when to consider asking for it next, and the odds of asking then.
+type KeyWant = (Instant, f64);
 
 /// When our presence record for a group was last published: day, group secret, time, the
 /// addresses it lists.
@@ -364,9 +372,9 @@ pub(crate) struct GroupService {
     store_in_flight: StdMutex<HashSet<Vec<u8>>>,
     /// When a sign of being behind the membership last asked for a collection.
     behind_at: StdMutex<Option<Instant>>,
-    /// Sender keys we hold envelopes for and lack: when to ask for each (bounded by the
-    /// held envelopes).
-    key_wants: StdMutex<HashMap<(GroupId, [u8; 16]), Instant>>,
+    /// Sender keys we hold envelopes for and lack: when to consider asking for each, and the
+    /// odds of asking then (bounded by the held envelopes).
+    key_wants: StdMutex<HashMap<(GroupId, [u8; 16]), KeyWant>>,
     /// When we last asked for keys in each group.
     key_asked: StdMutex<HashMap<GroupId, Instant>>,
     /// When we last acted on a member's key request in a group.

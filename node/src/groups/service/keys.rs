@@ -12,9 +12,10 @@ use rand::Rng;
 use super::*;
 
 impl GroupService {
-    /// Called on every maintenance tick: note the sender keys held envelopes wait for, and ask
-    /// for those missing past their time (at most [`MAX_KEY_REQUEST_IDS`] per request, one
-    /// request per group per [`KEY_REQUEST_EVERY`]).
+    /// Called on every maintenance tick: note the sender keys held envelopes wait for, and
+    /// consider those missing past their time: each is asked for with the odds of its group
+    /// (at most [`MAX_KEY_REQUEST_IDS`] per request, one request per group per
+    /// [`KEY_REQUEST_EVERY`]), and considered again after [`KEY_REQUEST_AGAIN`].
     pub(super) async fn ask_for_keys(self: &Arc<Self>) {
         let missing: HashSet<(GroupId, [u8; 16])> = lock(&self.held)
             .iter()
@@ -32,20 +33,29 @@ impl GroupService {
         };
         for gid in new_groups {
             let store = self.store.clone();
-            let members = blocking(move || store.group(&gid))
-                .await
-                .ok()
-                .flatten()
-                .map_or(0, |r| r.state.members().count());
+            let found = blocking(move || {
+                let Some(rec) = store.group(&gid)? else {
+                    return Ok(None);
+                };
+                let own = store.own_chain(&gid)?;
+                let current = own.is_some_and(|o| o.epoch >= rec.state.rekey_epoch());
+                Ok(Some((rec.state.members().count(), current)))
+            })
+            .await;
+            let Ok(Some((members, current))) = found else {
+                continue;
+            };
+            let after = if current {
+                KEY_REQUEST_AFTER
+            } else {
+                KEY_REQUEST_AFTER_SILENT
+            };
+            let odds = (KEY_REQUEST_ASKERS / members.max(1) as f64).min(1.0);
             let mut wants = lock(&self.key_wants);
             for key in missing.iter().filter(|(g, _)| *g == gid) {
                 wants.entry(*key).or_insert_with(|| {
-                    let spread = KEY_REQUEST_SPREAD
-                        + KEY_REQUEST_SPREAD_PER_MEMBER
-                            .saturating_mul(u32::try_from(members).unwrap_or(u32::MAX));
-                    Instant::now()
-                        + KEY_REQUEST_AFTER
-                        + spread.mul_f64(rand::thread_rng().gen::<f64>())
+                    let spread = KEY_REQUEST_SPREAD.mul_f64(rand::thread_rng().gen::<f64>());
+                    (Instant::now() + after + spread, odds)
                 });
             }
         }
@@ -55,8 +65,13 @@ impl GroupService {
             let mut asked = lock(&self.key_asked);
             asked.retain(|_, t| now.duration_since(*t) < KEY_REQUEST_EVERY);
             let mut due: HashMap<GroupId, Vec<[u8; 16]>> = HashMap::new();
-            for ((gid, key_id), at) in wants.iter() {
-                if *at <= now && !asked.contains_key(gid) {
+            let mut rng = rand::thread_rng();
+            for ((gid, key_id), (at, odds)) in wants.iter_mut() {
+                if *at > now || asked.contains_key(gid) {
+                    continue;
+                }
+                *at = now + KEY_REQUEST_AGAIN;
+                if rng.gen::<f64>() < *odds {
                     due.entry(*gid).or_default().push(*key_id);
                 }
             }
@@ -65,9 +80,6 @@ impl GroupService {
                     key_ids.sort_unstable();
                     key_ids.truncate(MAX_KEY_REQUEST_IDS);
                     asked.insert(gid, now);
-                    for k in &key_ids {
-                        wants.insert((gid, *k), now + KEY_REQUEST_AGAIN);
-                    }
                     (gid, key_ids)
                 })
                 .collect()
@@ -102,10 +114,10 @@ impl GroupService {
     }
 
     /// `from` asked for `key_ids` in `gid`. Members waiting for the same keys need not ask
-    /// again for a while. If one is our current chain, its hand-out to `from` goes now: a
-    /// hand-out waiting to be tried again is woken, one in the 1:1 outbox is tried again, and
-    /// one that was never made (we stopped before it reached the outbox) is made from the
-    /// chain's current position.
+    /// again for a while. If one is our current chain, its hand-outs go now: those waiting to
+    /// be tried again are woken, what the 1:1 outbox holds for the members is tried again, and
+    /// a hand-out to `from` that was never made (we stopped before it reached the outbox) is
+    /// made from the chain's current position.
     pub(super) async fn answer_key_request(
         self: &Arc<Self>,
         gid: GroupId,
@@ -116,7 +128,7 @@ impl GroupService {
             let later = Instant::now() + KEY_REQUEST_AGAIN;
             let mut wants = lock(&self.key_wants);
             for k in &key_ids {
-                if let Some(at) = wants.get_mut(&(gid, *k)) {
+                if let Some((at, _)) = wants.get_mut(&(gid, *k)) {
                     *at = (*at).max(later);
                 }
             }
@@ -152,10 +164,20 @@ impl GroupService {
                 return Ok(None);
             }
             let handed = store.handed(&gid, &from)? == Some(key_id);
-            Ok(Some((own.chain.distribution(gid, own.epoch, me), handed)))
+            let others: Vec<PublicIdentity> = rec
+                .state
+                .members()
+                .map(|(m, _)| *m)
+                .filter(|m| *m != me)
+                .collect();
+            Ok(Some((
+                own.chain.distribution(gid, own.epoch, me),
+                handed,
+                others,
+            )))
         })
         .await;
-        let (dist, handed) = match found {
+        let (dist, handed, others) = match found {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
@@ -175,8 +197,9 @@ impl GroupService {
         if start {
             let me = Arc::clone(self);
             tokio::spawn(async move { me.hand_out(gid, from, dist).await });
-        } else {
-            self.messenger.wake_outbox([from]);
         }
+        // The asker speaks for every member lacking the key (most of whom drew not to ask):
+        // whatever the outbox holds for the members is tried now.
+        self.messenger.wake_outbox(others);
     }
 }
