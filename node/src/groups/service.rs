@@ -254,7 +254,8 @@ struct Held {
     order: (u64, [u8; 16], u32),
 }
 
-/// What a membership op changed, for the async side to act on.
+/// What an opened message changed (a membership op) or asks for (a key request), for the async
+/// side to act on.
 #[derive(Debug, Default)]
 struct Effects {
     /// The state changed (retry what waits for it).
@@ -1200,7 +1201,7 @@ impl GroupService {
             if started.elapsed() > MAX_HANDOUT_RETRY {
                 break;
             }
-            // A member asking for this key (`answer_key_request`) cuts the wait short.
+            // A member asking for a key of ours (`answer_key_request`) cuts the wait short.
             let wake = Arc::clone(lock(&self.handout_wake).entry(group).or_default());
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
