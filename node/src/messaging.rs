@@ -1118,9 +1118,9 @@ impl Messenger {
         }
     }
 
-    /// STORE `envelope` on the `r` peers closest to its mailbox id; `Ok(n)` as soon as `n`
-    /// replicas acknowledged durably and `n` reaches the quorum (or all peers found, if fewer
-    /// exist).
+    /// STORE `envelope` on the `r` peers closest to its mailbox id; `Ok(n)` when `n` replicas
+    /// acknowledged durably and `n` reaches the quorum (or all peers found, if fewer exist):
+    /// once all answered, or [`STORE_GRACE`] after the quorum.
     pub(crate) async fn store_in_mailbox(&self, envelope: &Envelope) -> Result<usize, String> {
         let expected = envelope.id();
         let peers = self
@@ -1152,23 +1152,19 @@ impl Messenger {
             .collect();
         let mut acks = 0;
         let mut last = String::new();
-        let mut quorum_at: Option<tokio::time::Instant> = None;
-        loop {
-            let next = match quorum_at {
-                None => results.next().await,
-                Some(at) => match tokio::time::timeout_at(at + STORE_GRACE, results.next()).await {
-                    Ok(next) => next,
-                    Err(_) => break,
-                },
-            };
-            let Some((peer, r)) = next else {
-                break;
-            };
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        while let Some((peer, r)) = match grace_until {
+            None => results.next().await,
+            Some(until) => tokio::time::timeout_at(until, results.next())
+                .await
+                .ok()
+                .flatten(),
+        } {
             match r {
                 Ok(Ok(MailboxResponse::Stored { envelope_id, .. })) if envelope_id == expected => {
                     acks += 1;
-                    if acks >= needed {
-                        quorum_at.get_or_insert_with(tokio::time::Instant::now);
+                    if acks >= needed && grace_until.is_none() {
+                        grace_until = Some(tokio::time::Instant::now() + STORE_GRACE);
                     }
                 }
                 Ok(Ok(MailboxResponse::Refused { reason })) => {
