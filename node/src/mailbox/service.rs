@@ -274,7 +274,7 @@ impl Service {
                 }
             }
             MailboxRequest::Delete { mailbox, ids, .. } => {
-                match self.store.delete(&mailbox, &ids) {
+                match self.store.delete(&mailbox, &ids, now) {
                     Ok(count) => (MailboxResponse::Deleted { count }, None),
                     Err(e) => refused(e.reject()),
                 }

@@ -127,7 +127,17 @@ struct Counters {
     per_mailbox: HashMap<[u8; 32], (usize, u64)>,
     total_bytes: u64,
     total_envelopes: u64,
+    /// Envelopes deleted at their mailbox owner's request (key as in the column family) and
+    /// when they expire: see [`MAX_TOMBSTONES`].
+    tombstones: HashMap<[u8; 64], u64>,
 }
+
+/// Most deleted envelopes a replica remembers (in memory; ~100 bytes each). Another replica's
+/// repair hands on what it still holds, and without this memory a copy the recipient had
+/// collected and deleted here was accepted again, pushed to the recipient, deleted, and handed
+/// on again at the next repair, every minute until it expired (docs/protocol.md, "Mailboxes").
+/// A restart forgets them: the next repair then costs one more push and delete per copy.
+pub const MAX_TOMBSTONES: usize = 16_384;
 
 impl Counters {
     fn add(&mut self, mailbox: [u8; 32], bytes: u64) {
@@ -148,6 +158,29 @@ impl Counters {
         }
         self.total_bytes = self.total_bytes.saturating_sub(bytes);
         self.total_envelopes = self.total_envelopes.saturating_sub(1);
+    }
+
+    /// Remember that `key` was deleted, until `expires_at`; at [`MAX_TOMBSTONES`], expired
+    /// ones go first, then the one that expires soonest.
+    fn bury(&mut self, key: [u8; 64], expires_at: u64, now: u64) {
+        if self.tombstones.len() >= MAX_TOMBSTONES && !self.tombstones.contains_key(&key) {
+            self.tombstones.retain(|_, until| *until > now);
+            if self.tombstones.len() >= MAX_TOMBSTONES {
+                let soonest = self
+                    .tombstones
+                    .iter()
+                    .min_by_key(|(_, until)| **until)
+                    .map(|(k, _)| *k);
+                if let Some(k) = soonest {
+                    self.tombstones.remove(&k);
+                }
+            }
+        }
+        self.tombstones.insert(key, expires_at);
+    }
+
+    fn buried(&self, key: &[u8; 64], now: u64) -> bool {
+        self.tombstones.get(key).is_some_and(|until| *until > now)
     }
 }
 
@@ -244,6 +277,13 @@ impl ReplicaStore {
         let envelope_id = envelope.id();
         let key = entry_key(&mailbox, &envelope_id);
         let mut counters = self.counters();
+        if counters.buried(&key, now) {
+            // Collected and deleted by its recipient: not kept, not pushed again.
+            return Ok(StoreOutcome {
+                envelope_id,
+                duplicate: true,
+            });
+        }
         let (db, cf) = self.storage.replica_cf();
         if db
             .get_pinned_cf(cf, key)
@@ -338,8 +378,16 @@ impl ReplicaStore {
         Ok(self.fetch(mailbox, None, usize::MAX, now)?.0)
     }
 
-    /// Drop the envelopes `ids` from `mailbox`; returns how many were held.
-    pub fn delete(&self, mailbox: &[u8; 32], ids: &[[u8; 32]]) -> Result<u32, ReplicaError> {
+    /// Drop the envelopes `ids` from `mailbox`; returns how many were held. Those held are
+    /// remembered until they expire: a later STORE or REPLICATE of one is answered as a
+    /// duplicate and not kept ([`MAX_TOMBSTONES`]). (The caller checked that the mailbox's
+    /// owner asked.)
+    pub fn delete(
+        &self,
+        mailbox: &[u8; 32],
+        ids: &[[u8; 32]],
+        now: u64,
+    ) -> Result<u32, ReplicaError> {
         let mut counters = self.counters();
         let (db, cf) = self.storage.replica_cf();
         let mut batch = WriteBatch::default();
@@ -350,8 +398,9 @@ impl ReplicaStore {
                 .get_pinned_cf(cf, key)
                 .map_err(db_err("reading a mailbox replica"))?
             {
-                if !removed.iter().any(|(k, _)| *k == key) {
-                    removed.push((key, v.len() as u64));
+                if !removed.iter().any(|(k, _, _)| *k == key) {
+                    let expires_at = Envelope::from_wire(&v).map_or(0, |e| e.expires_at());
+                    removed.push((key, v.len() as u64, expires_at));
                     batch.delete_cf(cf, key);
                 }
             }
@@ -360,8 +409,11 @@ impl ReplicaStore {
             return Ok(0);
         }
         let pending = self.write(batch, "deleting mailbox replicas")?;
-        for (_, len) in &removed {
+        for (key, len, expires_at) in &removed {
             counters.remove(mailbox, *len);
+            if *expires_at > now {
+                counters.bury(*key, *expires_at, now);
+            }
         }
         drop(counters);
         self.durable(pending)?;
@@ -371,6 +423,7 @@ impl ReplicaStore {
     /// Drop every expired (or undecodable) envelope; returns how many.
     pub fn sweep(&self, now: u64) -> Result<usize, ReplicaError> {
         let mut counters = self.counters();
+        counters.tombstones.retain(|_, until| *until > now);
         let (db, cf) = self.storage.replica_cf();
         let mut batch = WriteBatch::default();
         let mut removed = Vec::new();
@@ -566,12 +619,65 @@ mod tests {
         got.sort();
         want.sort();
         assert_eq!(got, want, "every envelope exactly once, only this mailbox");
-        assert_eq!(store.delete(&[1; 32], &ids[..2]).expect("delete"), 2);
-        assert_eq!(store.delete(&[1; 32], &ids[..2]).expect("again"), 0);
+        assert_eq!(store.delete(&[1; 32], &ids[..2], NOW).expect("delete"), 2);
+        assert_eq!(store.delete(&[1; 32], &ids[..2], NOW).expect("again"), 0);
         // Deleting under another mailbox id removes nothing.
-        assert_eq!(store.delete(&[2; 32], &ids[2..]).expect("wrong box"), 0);
+        assert_eq!(
+            store.delete(&[2; 32], &ids[2..], NOW).expect("wrong box"),
+            0
+        );
         assert_eq!(store.all(&[1; 32], NOW).expect("all").len(), 3);
         assert_eq!(store.totals().0, 4);
+    }
+
+    #[test]
+    fn an_envelope_its_recipient_deleted_is_not_taken_back_until_it_expires() {
+        let (_d, store) = open(ReplicaLimits::default());
+        let e = envelope(1, 1, 600);
+        let id = e.id();
+        assert!(!store.store(&e, NOW).expect("stored").duplicate);
+        assert_eq!(store.delete(&[1; 32], &[id], NOW).expect("delete"), 1);
+        // Another replica's repair hands it on again: answered as held, not kept (so not
+        // pushed to the recipient once more).
+        let again = store.store(&e, NOW + 60).expect("answered");
+        assert!(again.duplicate);
+        assert_eq!(again.envelope_id, id);
+        assert_eq!(store.totals().0, 0);
+        assert!(store.all(&[1; 32], NOW + 60).expect("all").is_empty());
+        // An id never held is not remembered: deleting it first does not refuse it later.
+        let other = envelope(1, 2, 600);
+        assert_eq!(
+            store.delete(&[1; 32], &[other.id()], NOW).expect("delete"),
+            0
+        );
+        assert!(!store.store(&other, NOW).expect("stored").duplicate);
+        // Swept once the envelope would have expired.
+        store.sweep(NOW + 600).expect("sweep");
+        assert!(store.counters().tombstones.is_empty());
+    }
+
+    #[test]
+    fn the_tombstones_are_bounded_and_the_soonest_to_expire_goes_first() {
+        let mut c = Counters::default();
+        for i in 0..MAX_TOMBSTONES {
+            let mut key = [0u8; 64];
+            key[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            c.bury(key, NOW + 1_000 + i as u64, NOW);
+        }
+        let newest = [9u8; 64];
+        c.bury(newest, NOW + 5_000_000, NOW);
+        assert_eq!(c.tombstones.len(), MAX_TOMBSTONES);
+        assert!(c.buried(&newest, NOW));
+        assert!(
+            !c.buried(&[0u8; 64], NOW),
+            "the soonest to expire made room"
+        );
+        // Expired ones make room first.
+        let later = NOW + 2_000;
+        let fresh = [7u8; 64];
+        c.bury(fresh, later + 10, later);
+        assert!(c.tombstones.len() < MAX_TOMBSTONES);
+        assert!(c.buried(&fresh, later) && c.buried(&newest, later));
     }
 
     #[test]
@@ -636,7 +742,7 @@ mod tests {
         assert_eq!(err.reject(), MailboxReject::DiskBudget);
         // Collecting frees room.
         store
-            .delete(&[1; 32], &[envelope(1, 0, DEFAULT_TTL_SECS).id()])
+            .delete(&[1; 32], &[envelope(1, 0, DEFAULT_TTL_SECS).id()], NOW)
             .expect("delete");
         store
             .store(&envelope(3, 0, DEFAULT_TTL_SECS), NOW)
