@@ -376,8 +376,17 @@ async fn repair_carries_mail_to_new_nodes_when_all_original_replicas_leave() {
 /// by the clock during a test: only a push can bring it mail. (A sender who is not B's contact
 /// finds no presence record of B and falls back to the mailbox.)
 async fn subscribed_recipient(boot: &Multiaddr) -> TestNode {
+    subscribed_recipient_cfg(boot, |_| {}).await
+}
+
+/// [`subscribed_recipient`] with a changed configuration.
+async fn subscribed_recipient_cfg(
+    boot: &Multiaddr,
+    change: impl FnOnce(&mut NodeConfig),
+) -> TestNode {
     let b = start_cfg(vec![boot.clone()], |c| {
         c.mailbox.collect_interval = Duration::from_secs(3600);
+        change(c);
     })
     .await;
     let deadline = Instant::now() + WAIT;
@@ -444,6 +453,76 @@ async fn a_push_that_failed_is_tried_again_once_the_subscriber_is_reachable() {
         .await
         .expect("a replica pushed it again");
     assert_eq!(got.body, "pushed again");
+    for n in [&a.handle, &b.handle] {
+        n.shutdown().await;
+    }
+    for s in &servers {
+        s.handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mail_its_recipient_deleted_is_not_handed_back_by_repair() {
+    let servers = servers(5).await;
+    let boot = servers[0].addr.clone();
+    // Neither A nor B holds mail for others: the servers are the only replicas.
+    let b = subscribed_recipient_cfg(&boot, |c| c.mailbox.serve = false).await;
+    let a = start_cfg(vec![boot.clone()], |c| c.mailbox.serve = false).await;
+    b.handle.dial(a.addr.clone()).await.expect("dial");
+    let all: Vec<PeerId> = servers.iter().map(|s| s.handle.peer_id()).collect();
+    b.handle.block_peers(all.clone()).await.expect("block");
+    let mut events = b.handle.subscribe();
+    let (_, replicas) = send_stored(&a, &b.identity.public(), "collected once").await;
+    eventually("every replica holds it", || {
+        held(&servers) == u64::from(replicas)
+    })
+    .await;
+
+    // One holder stays cut off from B: its pushes fail and B never deletes its copy. The others
+    // push again (after 5 s), B stores it and deletes their copies.
+    let holdout = servers
+        .iter()
+        .position(|s| s.handle.mailbox_replicas().0 == 1)
+        .expect("a holder");
+    let others: Vec<PeerId> = all
+        .iter()
+        .copied()
+        .filter(|p| *p != servers[holdout].handle.peer_id())
+        .collect();
+    b.handle.unblock_peers(others).await.expect("unblock");
+    let got = message_within(&mut events, Duration::from_secs(20))
+        .await
+        .expect("a replica pushed it again");
+    assert_eq!(got.body, "collected once");
+    eventually("only the cut-off holder still has it", || {
+        held(&servers) == 1
+    })
+    .await;
+
+    // The holdout's repair offers its copy to the closest peers, which deleted theirs at B's
+    // request: they answer `duplicate` and keep nothing, so nothing is pushed or deleted again.
+    let copies = servers[holdout].handle.repair_mailboxes().await;
+    assert_eq!(copies, 0, "no replica took the collected mail back");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(held(&servers), 1);
+    assert!(
+        message_within(&mut events, Duration::from_secs(1))
+            .await
+            .is_none(),
+        "nothing arrives twice"
+    );
+
+    // Once B reaches the holdout, a collection empties it too.
+    b.handle
+        .unblock_peers(vec![servers[holdout].handle.peer_id()])
+        .await
+        .expect("unblock");
+    b.handle.collect_mail().await.expect("collect");
+    eventually("no replica holds it", || held(&servers) == 0).await;
+    assert_eq!(
+        incoming(b.handle.storage(), &a.identity.public()),
+        ["collected once"]
+    );
     for n in [&a.handle, &b.handle] {
         n.shutdown().await;
     }
