@@ -434,20 +434,10 @@ impl NodeHandle {
         self.inner.messenger.collect_mail().await
     }
 
-    /// Run one repair round now: sweep expired mail and hand copies of everything this node
-    /// holds to the closest peers of each mailbox that lack them. Returns the copies newly
-    /// accepted. (The node's own rounds, every `mailbox.repair_interval`, leave out mail sealed
-    /// less than one interval ago; this one does not.)
+    /// Run one repair round now: sweep expired mail and hand copies of what this node holds to
+    /// the closest peers of each mailbox that lack them. Returns the copies newly accepted.
     pub async fn repair_mailboxes(&self) -> usize {
-        self.inner.service.repair(true).await
-    }
-
-    /// Test hook, not a supported API: one repair round as the node's timer runs it (mail
-    /// sealed less than `mailbox.repair_interval` ago left out). Returns the copies newly
-    /// accepted.
-    #[doc(hidden)]
-    pub async fn repair_mailboxes_by_the_clock(&self) -> usize {
-        self.inner.service.repair(false).await
+        self.inner.service.repair().await
     }
 
     /// (envelopes, bytes) this node holds as a mailbox replica for others.
@@ -573,7 +563,7 @@ impl NodeHandle {
         // A replica leaving cleanly hands its mail to the closest peers first.
         if !*self.inner.shutdown.borrow() && self.inner.service.store().totals().0 > 0 {
             let handed =
-                tokio::time::timeout(HAND_OFF_TIMEOUT, self.inner.service.hand_over()).await;
+                tokio::time::timeout(HAND_OFF_TIMEOUT, self.inner.service.hand_over(true)).await;
             tracing::debug!(?handed, "mailbox hand-off before shutdown");
         }
         self.inner.shutdown.send_replace(true);

@@ -90,16 +90,11 @@ async fn start_cfg(bootstrap: Vec<Multiaddr>, change: impl FnOnce(&mut NodeConfi
 
 /// `n` always-on nodes that hold mail (the first is everybody's bootstrap).
 async fn servers(n: usize) -> Vec<TestNode> {
-    servers_cfg(n, |_| {}).await
-}
-
-/// [`servers`] with a changed configuration.
-async fn servers_cfg(n: usize, change: impl Fn(&mut NodeConfig)) -> Vec<TestNode> {
-    let first = start_cfg(Vec::new(), &change).await;
+    let first = start(Vec::new()).await;
     let boot = first.addr.clone();
     let mut out = vec![first];
     for _ in 1..n {
-        out.push(start_cfg(vec![boot.clone()], &change).await);
+        out.push(start(vec![boot.clone()]).await);
     }
     // Let every server learn about the others.
     for s in &out[1..] {
@@ -374,50 +369,6 @@ async fn repair_carries_mail_to_new_nodes_when_all_original_replicas_leave() {
     b.handle.shutdown().await;
     for n in &new {
         n.handle.shutdown().await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_repair_timer_leaves_fresh_mail_to_the_replicas_its_sender_chose() {
-    const REPAIR: Duration = Duration::from_secs(30);
-    let mut servers = servers_cfg(6, |c| c.mailbox.repair_interval = REPAIR).await;
-    let boot = servers[0].addr.clone();
-    let (_b_home, b_identity) = user_gone_offline(&boot).await;
-    let a = start(vec![boot.clone()]).await;
-    // The envelope is sealed after this instant, in whole seconds: its timestamp is at most
-    // 1 s earlier.
-    let before_send = Instant::now();
-    let (_, replicas) = send_stored(&a, &b_identity.public(), "fresh").await;
-    assert_eq!(replicas, 5, "five of the six servers hold it");
-    a.handle.shutdown().await;
-    let holder = servers
-        .iter()
-        .position(|s| s.handle.mailbox_replicas().0 == 1)
-        .expect("a holder");
-    servers.remove(holder).handle.shutdown_abruptly().await;
-    assert_eq!(held(&servers), 4);
-
-    // Rounds by the clock leave the fresh envelope alone: no lookup, no copy.
-    let mut copies = 0;
-    for s in &servers {
-        copies += s.handle.repair_mailboxes_by_the_clock().await;
-    }
-    assert!(
-        before_send.elapsed() < REPAIR - Duration::from_secs(1),
-        "the test ran too slowly to see fresh mail: {:?}",
-        before_send.elapsed()
-    );
-    assert_eq!(copies, 0, "fresh mail was handed on");
-    assert_eq!(held(&servers), 4);
-
-    // It was repairable all along: a round that takes everything hands it to the sixth server.
-    for s in &servers {
-        copies += s.handle.repair_mailboxes().await;
-    }
-    assert!(copies >= 1, "the lost replica was replaced");
-    assert_eq!(held(&servers), 5);
-    for s in &servers {
-        s.handle.shutdown().await;
     }
 }
 

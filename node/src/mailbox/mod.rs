@@ -42,7 +42,6 @@ pub struct Config {
     pub collect_interval: Duration,
     /// How often a replica checks that the closest peers of each mailbox it holds have a copy,
     /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it.
-    /// An envelope is first handed on once it is this old by its sealing time.
     pub repair_interval: Duration,
     /// Act as a replica for others (STORE, FETCH, DELETE, REPLICATE). Default true.
     pub serve: bool,

@@ -101,17 +101,6 @@ async fn push(net: NetClient, peer: PeerId, envelope: Envelope, retrying: Arc<Se
     }
 }
 
-/// Whether the repair timer hands `envelope` on at `now`: once it is `min_age` old by its
-/// sealing time. The sender stored it on the `r` closest peers it found moments ago, and most
-/// mail is pushed to its recipient and deleted within seconds, so repairing it at once cost a
-/// closest-peers lookup per replica and mailbox for nothing: at 1,000 nodes most of ~2,000
-/// lookups a minute (docs/performance.md, "Fresh mail is not repaired"). A sender whose clock
-/// runs ahead (at most `MAX_CLOCK_SKEW_SECS`, or the envelope is refused) delays its mail's
-/// first repair by as much.
-pub(crate) fn due_for_repair(envelope: &Envelope, now: u64, min_age: Duration) -> bool {
-    now.saturating_sub(envelope.timestamp) >= min_age.as_secs()
-}
-
 /// Resolves once the node is stopping.
 async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
@@ -333,10 +322,8 @@ impl Service {
 
     /// Sweep expired mail, then hand copies of every mailbox's mail to those of its `r`
     /// closest peers that lack them (REPLICATE is idempotent: a holder answers `duplicate`).
-    /// With `fresh_too` false (the repair timer), envelopes sealed less than one repair
-    /// interval ago are left out, and a mailbox holding only such envelopes costs no lookup
-    /// (see [`due_for_repair`]). Returns how many copies were newly accepted.
-    pub(crate) async fn repair(&self, fresh_too: bool) -> usize {
+    /// Returns how many copies were newly accepted.
+    pub(crate) async fn repair(&self) -> usize {
         let store = Arc::clone(&self.store);
         let now = unix_now();
         match tokio::task::spawn_blocking(move || store.sweep(now)).await {
@@ -344,35 +331,14 @@ impl Service {
             Ok(Err(e)) => tracing::warn!(error = %e, "sweeping mailbox replicas failed"),
             _ => {}
         }
-        let min_age = if fresh_too {
-            Duration::ZERO
-        } else {
-            self.config.repair_interval
-        };
-        self.replicate_all(min_age, false).await
+        self.hand_over(false).await
     }
 
-    /// Hand every mailbox's mail to the `r` closest peers other than this node (a clean
-    /// shutdown).
-    pub(crate) async fn hand_over(&self) -> usize {
-        self.replicate_all(Duration::ZERO, true).await
-    }
-
-    /// REPLICATE the envelopes at least `min_age` old of every mailbox to its closest peers.
-    async fn replicate_all(&self, min_age: Duration, leaving: bool) -> usize {
+    /// Hand every mailbox's mail to its closest peers; with `leaving`, to the `r` closest other
+    /// than this node (a clean shutdown).
+    pub(crate) async fn hand_over(&self, leaving: bool) -> usize {
         let mut copies = 0;
         for mailbox in self.store.mailboxes() {
-            let store = Arc::clone(&self.store);
-            let now = unix_now();
-            let mut envelopes =
-                match tokio::task::spawn_blocking(move || store.all(&mailbox, now)).await {
-                    Ok(Ok(e)) => e,
-                    _ => continue,
-                };
-            envelopes.retain(|e| due_for_repair(e, now, min_age));
-            if envelopes.is_empty() {
-                continue;
-            }
             let Ok(targets) = self
                 .net
                 .closest_peers(mailbox.to_vec(), self.config.replicas)
@@ -380,6 +346,13 @@ impl Service {
             else {
                 return copies;
             };
+            let store = Arc::clone(&self.store);
+            let now = unix_now();
+            let envelopes =
+                match tokio::task::spawn_blocking(move || store.all(&mailbox, now)).await {
+                    Ok(Ok(e)) => e,
+                    _ => continue,
+                };
             let mut jobs: Vec<(PeerId, Envelope)> = Vec::new();
             for peer in &targets {
                 for e in &envelopes {
@@ -416,7 +389,7 @@ impl Service {
                 biased;
                 _ = stopping(&mut shutdown) => return,
                 _ = tokio::time::sleep(super::jittered(self.config.repair_interval)) => {
-                    self.repair(false).await;
+                    self.repair().await;
                 }
             }
         }
@@ -429,35 +402,5 @@ impl Service {
             .values()
             .flat_map(|m| m.keys().copied())
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sealed_at(timestamp: u64) -> Envelope {
-        Envelope {
-            routing_key: [1; 32],
-            timestamp,
-            ttl: 3600,
-            ephemeral: [2; 32],
-            ciphertext: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn the_repair_timer_hands_mail_on_once_it_is_one_interval_old() {
-        let minute = Duration::from_secs(60);
-        let now = 1_000_000;
-        assert!(!due_for_repair(&sealed_at(now), now, minute));
-        assert!(!due_for_repair(&sealed_at(now - 59), now, minute));
-        assert!(due_for_repair(&sealed_at(now - 60), now, minute));
-        assert!(due_for_repair(&sealed_at(now - 3000), now, minute));
-        // A sender's clock ahead of ours: fresh until its time has come and gone.
-        assert!(!due_for_repair(&sealed_at(now + 300), now, minute));
-        // An explicit round, and a hand-off, take everything.
-        assert!(due_for_repair(&sealed_at(now), now, Duration::ZERO));
-        assert!(due_for_repair(&sealed_at(now + 300), now, Duration::ZERO));
     }
 }
