@@ -17,7 +17,7 @@
 //! ```
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     sync::{Arc, Mutex},
     time::Duration,
@@ -555,6 +555,41 @@ async fn wait_all(seen: &Seen, key: &[u8], from: usize, members: &[usize], timeo
     }
 }
 
+/// Log, for up to 10 members that missed a measured message within `timeout`, how many they
+/// missed, what their node holds unopened and how many connections it has: what the next run
+/// needs to tell a member cut off from the mesh from one waiting for sender keys.
+async fn report_laggards(
+    sent: &[Sent],
+    by_node: &HashMap<usize, NodeHandle>,
+    seen: &HashMap<Vec<u8>, HashMap<usize, Instant>>,
+    timeout: Duration,
+) {
+    let mut missed: BTreeMap<usize, usize> = BTreeMap::new();
+    for (from, at, key) in sent {
+        let got = seen.get(key);
+        for m in by_node.keys().filter(|m| *m != from) {
+            let in_time = got
+                .and_then(|g| g.get(m))
+                .is_some_and(|t| t.duration_since(*at) <= timeout);
+            if !in_time {
+                *missed.entry(*m).or_default() += 1;
+            }
+        }
+    }
+    for (m, n) in missed.iter().take(10) {
+        let Some(h) = by_node.get(m) else {
+            continue;
+        };
+        let connections = h.status().await.map_or(0, |s| s.connected.len());
+        tracing::info!(
+            "node {m} missed {n} of {} measured messages within {:.0} s; holds unopened: {:?}; {connections} connections",
+            sent.len(),
+            timeout.as_secs_f64(),
+            h.group_held(),
+        );
+    }
+}
+
 /// The schedule both runs follow: one warm-up message per sender, then `messages` measured
 /// ones from random senders.
 fn schedule(params: &GroupBenchParams, members: &[usize]) -> (Vec<usize>, Vec<usize>) {
@@ -700,6 +735,8 @@ async fn run_meshchat(
     let dup = dups.load(std::sync::atomic::Ordering::Relaxed);
     out.meshchat = figures(&sent, &members, &lock(&seen), dup);
     phase("measured messages", out);
+    let seen_now = lock(&seen).clone();
+    report_laggards(&sent, &by_node, &seen_now, params.message_timeout).await;
 
     // The connection graph, for the bare run.
     let index: HashMap<PeerId, usize> = (0..params.nodes)

@@ -253,6 +253,14 @@ impl NodeHandle {
         self.inner.groups.send(group, text).await
     }
 
+    /// Test hook, not a supported API: the group envelopes this node holds because it cannot
+    /// open them yet, counted by why (no sender key, a later epoch, an earlier message or ops
+    /// missing). `simulations/` prints it for members that missed messages.
+    #[doc(hidden)]
+    pub fn group_held(&self) -> Vec<(&'static str, usize)> {
+        self.inner.groups.held_by_reason()
+    }
+
     /// The members of `group`, in the order they were added.
     pub async fn group_members(&self, group: &str) -> Result<Vec<MemberView>, NodeError> {
         self.inner.groups.members(group).await

@@ -244,6 +244,18 @@ enum HoldReason {
     Ops { ready_at: u64 },
 }
 
+impl HoldReason {
+    /// A word for the debug log and [`GroupService::held_by_reason`].
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Key => "held: no sender key",
+            Self::Epoch => "held: later epoch",
+            Self::Gap => "held: earlier message missing",
+            Self::Ops { .. } => "held: earlier ops missing",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Held {
     group: GroupId,
@@ -302,12 +314,7 @@ impl Opened {
     fn label(&self) -> &'static str {
         match self {
             Self::Stored { .. } => "stored",
-            Self::Hold { reason, .. } => match reason {
-                HoldReason::Key => "held: no sender key",
-                HoldReason::Epoch => "held: later epoch",
-                HoldReason::Gap => "held: earlier message missing",
-                HoldReason::Ops { .. } => "held: earlier ops missing",
-            },
+            Self::Hold { reason, .. } => reason.label(),
             Self::Duplicate => "duplicate",
             Self::Replay => "replay",
             Self::NotOurs => "not ours",
@@ -791,6 +798,19 @@ impl GroupService {
             stored_replicas: stored,
             outcome,
         })
+    }
+
+    /// Envelopes held now (all groups), counted by why: see [`HoldReason`].
+    pub(crate) fn held_by_reason(&self) -> Vec<(&'static str, usize)> {
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        for h in lock(&self.held).iter() {
+            let label = h.reason.label();
+            match counts.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((label, 1)),
+            }
+        }
+        counts
     }
 
     pub(crate) async fn members(&self, group: &str) -> Result<Vec<MemberView>, NodeError> {
