@@ -231,7 +231,5 @@ mod tests {
         // 4/300 reaches certainty in 7 rounds of KEY_REQUEST_AGAIN (30 s): 3.5 minutes.
         assert_eq!(rounds, 7);
         assert_eq!(next_odds(1.0), 1.0);
-        // A small group asks at once, as before.
-        assert_eq!((KEY_REQUEST_ASKERS / 3.0).min(1.0), 1.0);
     }
 }
