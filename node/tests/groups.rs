@@ -479,8 +479,19 @@ async fn a_member_back_without_a_writers_sender_key_asks_for_it_and_reads_within
     .await;
 
     let away = users.remove(1);
+    let away_peer = away.handle.peer_id().to_string();
     away.handle.shutdown().await;
     drop(away.handle);
+    // Until the writer has seen the connection close, gossipsub still counts the member as a
+    // subscriber and the message below would be published to it, not queued.
+    eventually("the writer saw the member go", || async {
+        users[0]
+            .handle
+            .status()
+            .await
+            .is_ok_and(|s| s.connected.iter().all(|c| c.peer_id != away_peer))
+    })
+    .await;
     // The writer's first message: its chain's hand-out to the member can neither be delivered
     // nor stored, so it waits in the outbox for its retry two minutes later; the message itself
     // waits in the writer's node until a member subscribes to the topic.
