@@ -156,6 +156,8 @@ pub(crate) enum Command {
     ClosestPeers {
         key: Vec<u8>,
         count: NonZeroUsize,
+        /// What the caller wants them for, for the debug log.
+        purpose: &'static str,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
     MailboxRequest {
@@ -315,14 +317,21 @@ impl NetClient {
     /// first; never this node (Kademlia leaves the local peer out of every query's results).
     /// The lookup ends once those `count` have answered, so asking for the few a caller uses
     /// costs fewer requests than Kademlia's default of 20.
+    /// `purpose` names the caller in the debug log (what the lookups of a busy network are for).
     pub(crate) async fn closest_peers(
         &self,
         key: Vec<u8>,
         count: usize,
+        purpose: &'static str,
     ) -> Result<Vec<PeerId>, LoopStopped> {
         let count = NonZeroUsize::new(count).unwrap_or(NonZeroUsize::MIN);
-        self.call(|reply| Command::ClosestPeers { key, count, reply })
-            .await
+        self.call(|reply| Command::ClosestPeers {
+            key,
+            count,
+            purpose,
+            reply,
+        })
+        .await
     }
 
     pub(crate) async fn mailbox_request(
@@ -725,12 +734,21 @@ impl EventLoop {
                 }
             }
             Command::Strike { peer, reason } => self.strike(peer, &reason),
-            Command::ClosestPeers { key, count, reply } => {
+            Command::ClosestPeers {
+                key,
+                count,
+                purpose,
+                reply,
+            } => {
                 let Some(reply) = self.closest.ask(&key, count.get(), Instant::now(), reply) else {
-                    tracing::debug!(count, "closest-peers answered without a new lookup");
+                    tracing::debug!(
+                        count,
+                        purpose,
+                        "closest-peers answered without a new lookup"
+                    );
                     return;
                 };
-                tracing::debug!(count, "closest-peers lookup started");
+                tracing::debug!(count, purpose, "closest-peers lookup started");
                 let id = self
                     .swarm
                     .behaviour_mut()

@@ -1125,7 +1125,11 @@ impl Messenger {
         let expected = envelope.id();
         let peers = self
             .net
-            .closest_peers(envelope.routing_key.to_vec(), self.mailbox.replicas.max(1))
+            .closest_peers(
+                envelope.routing_key.to_vec(),
+                self.mailbox.replicas.max(1),
+                "mailbox store",
+            )
             .await
             .map_err(|_| "the node is shutting down".to_owned())?;
         if peers.is_empty() {
@@ -1310,6 +1314,7 @@ impl Messenger {
             .closest_peers(
                 keys.id().to_vec(),
                 self.mailbox.replicas.max(1).saturating_mul(2),
+                "mailbox collection",
             )
             .await
             .map_err(stopped)?;

@@ -256,9 +256,84 @@ impl HoldReason {
     }
 }
 
+/// Which held envelopes a stored one may let open (see [`GroupService::retry_held`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unblocks {
+    /// None: nothing was stored.
+    Nothing,
+    /// Those waiting for an earlier message of this sender chain (a text or key request
+    /// stored: it brings no key and changes no state).
+    Chain([u8; 16]),
+    /// Any: the state changed, a sender key arrived, or the caller cannot tell.
+    All,
+}
+
+impl Unblocks {
+    /// Whether an envelope held for `reason`, sealed with sender chain `key_id`, may open now.
+    fn may_open(self, reason: HoldReason, key_id: &[u8; 16]) -> bool {
+        match self {
+            Self::Nothing => false,
+            Self::Chain(k) => reason == HoldReason::Gap && k == *key_id,
+            Self::All => true,
+        }
+    }
+
+    /// What may open after a retried envelope opened and let `opened` open in turn.
+    fn and(self, opened: Self) -> Self {
+        match (self, opened) {
+            (s, Self::Nothing) => s,
+            (Self::Chain(a), Self::Chain(b)) if a == b => self,
+            (Self::Nothing, o) => o,
+            _ => Self::All,
+        }
+    }
+}
+
+#[cfg(test)]
+mod unblocks_tests {
+    use super::{HoldReason, Unblocks};
+
+    #[test]
+    fn a_stored_text_retries_only_the_gaps_of_its_own_chain() {
+        let (mine, other) = ([1; 16], [2; 16]);
+        let text = Unblocks::Chain(mine);
+        assert!(text.may_open(HoldReason::Gap, &mine));
+        assert!(!text.may_open(HoldReason::Gap, &other));
+        // A text brings no sender key, no epoch and no op.
+        assert!(!text.may_open(HoldReason::Key, &mine));
+        assert!(!text.may_open(HoldReason::Epoch, &mine));
+        assert!(!text.may_open(HoldReason::Ops { ready_at: 0 }, &mine));
+        for reason in [
+            HoldReason::Key,
+            HoldReason::Epoch,
+            HoldReason::Gap,
+            HoldReason::Ops { ready_at: 3 },
+        ] {
+            assert!(Unblocks::All.may_open(reason, &other));
+            assert!(!Unblocks::Nothing.may_open(reason, &mine));
+        }
+    }
+
+    #[test]
+    fn what_opens_in_a_retry_widens_what_the_next_round_retries() {
+        let (a, b) = ([1; 16], [2; 16]);
+        let text = Unblocks::Chain(a);
+        assert_eq!(text.and(Unblocks::Nothing), text);
+        assert_eq!(text.and(Unblocks::Chain(a)), text);
+        assert_eq!(text.and(Unblocks::Chain(b)), Unblocks::All);
+        assert_eq!(text.and(Unblocks::All), Unblocks::All);
+        assert_eq!(
+            Unblocks::Nothing.and(Unblocks::Chain(b)),
+            Unblocks::Chain(b)
+        );
+    }
+}
+
 #[derive(Debug)]
 struct Held {
     group: GroupId,
+    /// `envelope.id()`, computed once (it encodes and hashes the envelope).
+    id: [u8; 32],
     envelope: Envelope,
     first: Via,
     reason: HoldReason,
@@ -294,6 +369,7 @@ enum Opened {
         message: Option<Box<StoredMessage>>,
         effects: Effects,
         reported: bool,
+        unblocks: Unblocks,
     },
     /// Not now; `verified` if it authenticated (only the order is waited for).
     Hold { reason: HoldReason, verified: bool },

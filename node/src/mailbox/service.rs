@@ -341,7 +341,7 @@ impl Service {
         for mailbox in self.store.mailboxes() {
             let Ok(targets) = self
                 .net
-                .closest_peers(mailbox.to_vec(), self.config.replicas)
+                .closest_peers(mailbox.to_vec(), self.config.replicas, "mailbox repair")
                 .await
             else {
                 return copies;

@@ -263,17 +263,22 @@ impl GroupService {
             message: index.and(message).map(Box::new),
             effects,
             reported,
+            unblocks: if state_changed {
+                Unblocks::All
+            } else {
+                Unblocks::Chain(key_id)
+            },
         })
     }
 
     /// Process one envelope: open, commit, hold or refuse; act on the result. Returns the
-    /// gossipsub verdict and whether something changed (held envelopes may open now).
+    /// gossipsub verdict and which held envelopes may open now.
     pub(super) async fn process(
         self: &Arc<Self>,
         gid: GroupId,
         envelope: Envelope,
         arrival: Arrival,
-    ) -> (MessageAcceptance, &'static str, bool) {
+    ) -> (MessageAcceptance, &'static str, Unblocks) {
         let (acceptance, reason, changed, _) =
             self.process_from(gid, envelope, arrival, None).await;
         (acceptance, reason, changed)
@@ -287,7 +292,7 @@ impl GroupService {
         envelope: Envelope,
         arrival: Arrival,
         origin: Option<GossipOrigin>,
-    ) -> (MessageAcceptance, &'static str, bool, bool) {
+    ) -> (MessageAcceptance, &'static str, Unblocks, bool) {
         let started = Instant::now();
         let (opened, waited) = {
             let _guard = self.lock.lock().await;
@@ -314,7 +319,12 @@ impl GroupService {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(group = %gid, error = %e, "cannot process a group envelope");
-                return (MessageAcceptance::Ignore, "internal error", false, false);
+                return (
+                    MessageAcceptance::Ignore,
+                    "internal error",
+                    Unblocks::Nothing,
+                    false,
+                );
             }
         };
         let (acceptance, reason, changed) = match opened {
@@ -322,12 +332,13 @@ impl GroupService {
                 message,
                 effects,
                 reported,
+                unblocks,
             } => {
                 if let Some(m) = message {
                     self.emit(NodeEvent::MessageReceived(*m));
                 }
                 self.act_on(gid, effects).await;
-                return (MessageAcceptance::Accept, "", true, reported);
+                return (MessageAcceptance::Accept, "", unblocks, reported);
             }
             Opened::Hold { reason, verified } => {
                 // How it first came decides whether a later gossip copy is a replay: an honest
@@ -343,16 +354,22 @@ impl GroupService {
                 };
                 self.hold(gid, envelope, first, reason, until);
                 if verified {
-                    (MessageAcceptance::Accept, "", false)
+                    (MessageAcceptance::Accept, "", Unblocks::Nothing)
                 } else {
-                    (MessageAcceptance::Ignore, "", false)
+                    (MessageAcceptance::Ignore, "", Unblocks::Nothing)
                 }
             }
-            Opened::Duplicate | Opened::NotOurs => (MessageAcceptance::Ignore, "", false),
-            Opened::Replay => (MessageAcceptance::Reject, "replayed group message", false),
+            Opened::Duplicate | Opened::NotOurs => {
+                (MessageAcceptance::Ignore, "", Unblocks::Nothing)
+            }
+            Opened::Replay => (
+                MessageAcceptance::Reject,
+                "replayed group message",
+                Unblocks::Nothing,
+            ),
             Opened::Drop(e) => {
                 tracing::debug!(group = %gid, error = %e, "group envelope dropped");
-                (MessageAcceptance::Ignore, "", false)
+                (MessageAcceptance::Ignore, "", Unblocks::Nothing)
             }
             Opened::Bad(e) => {
                 tracing::debug!(group = %gid, error = %e, "bad group envelope");
@@ -360,7 +377,7 @@ impl GroupService {
                     // Do not look at it again in the next collection.
                     self.mark_seen(gid, &envelope).await;
                 }
-                (MessageAcceptance::Reject, reason_of(&e), false)
+                (MessageAcceptance::Reject, reason_of(&e), Unblocks::Nothing)
             }
         };
         (acceptance, reason, changed, false)
@@ -398,10 +415,7 @@ impl GroupService {
         };
         let id = envelope.id();
         let mut held = lock(&self.held);
-        if held
-            .iter()
-            .any(|h| h.group == group && h.envelope.id() == id)
-        {
+        if held.iter().any(|h| h.group == group && h.id == id) {
             return;
         }
         if held.iter().filter(|h| h.group == group).count() >= MAX_HELD_PER_GROUP
@@ -421,6 +435,7 @@ impl GroupService {
         };
         held.push(Held {
             group,
+            id,
             order: (envelope.timestamp, key_id, iteration),
             envelope,
             first,
@@ -429,15 +444,20 @@ impl GroupService {
         });
     }
 
-    /// Retry what is held for `gid`, in chain order, until nothing more opens.
-    pub(super) async fn retry_held(self: &Arc<Self>, gid: GroupId) {
+    /// Retry what is held for `gid` that `unblocks` may let open, in chain order, until
+    /// nothing more opens. A stored text only lets the next messages of its own chain open:
+    /// retrying every held envelope after each message cost each member of a 100-member group
+    /// a decryption attempt per message for an envelope whose key never came.
+    pub(super) async fn retry_held(self: &Arc<Self>, gid: GroupId, unblocks: Unblocks) {
         // One retry at a time, so held envelopes are taken in chain order.
         let _retrying = self.retry_lock.lock().await;
+        let mut unblocks = unblocks;
         for _ in 0..8 {
             let batch: Vec<Held> = {
                 let mut held = lock(&self.held);
-                let (mine, rest): (Vec<Held>, Vec<Held>) =
-                    held.drain(..).partition(|h| h.group == gid);
+                let (mine, rest): (Vec<Held>, Vec<Held>) = held
+                    .drain(..)
+                    .partition(|h| h.group == gid && unblocks.may_open(h.reason, &h.order.1));
                 *held = rest;
                 mine
             };
@@ -473,8 +493,13 @@ impl GroupService {
                     reason: h.reason,
                     until: h.until,
                 };
-                let (_, _, changed) = self.process(gid, h.envelope, arrival).await;
-                progress |= changed;
+                let (_, _, opened) = self.process(gid, h.envelope, arrival).await;
+                if opened != Unblocks::Nothing {
+                    // What opened may let more open: a text its chain's next messages, an op
+                    // anything.
+                    progress = true;
+                    unblocks = unblocks.and(opened);
+                }
             }
             if !progress {
                 return;
@@ -583,13 +608,13 @@ impl GroupService {
                 topic,
                 data,
             } = item;
-            let (acceptance, reason, changed, gid, reported) = match decode_group_envelope(&data) {
+            let (acceptance, reason, unblocks, gid, reported) = match decode_group_envelope(&data) {
                 Err(e) => {
                     tracing::debug!(peer = %source, error = %e, "undecodable group message");
                     (
                         MessageAcceptance::Reject,
                         "undecodable group message",
-                        false,
+                        Unblocks::Nothing,
                         None,
                         false,
                     )
@@ -597,7 +622,13 @@ impl GroupService {
                 Ok(envelope) => {
                     let gid = lock(&self.topics).get(&topic).copied();
                     match gid {
-                        None => (MessageAcceptance::Ignore, "", false, None, false),
+                        None => (
+                            MessageAcceptance::Ignore,
+                            "",
+                            Unblocks::Nothing,
+                            None,
+                            false,
+                        ),
                         Some(gid) => {
                             let origin = Some((id.clone(), source));
                             let (a, r, c, reported) = self
@@ -617,8 +648,8 @@ impl GroupService {
             {
                 return;
             }
-            if let (true, Some(gid)) = (changed, gid) {
-                self.retry_held(gid).await;
+            if let (Some(gid), true) = (gid, unblocks != Unblocks::Nothing) {
+                self.retry_held(gid, unblocks).await;
             }
         }
     }
@@ -670,7 +701,7 @@ impl GroupService {
                     // A new sender key or a changed state may open held envelopes.
                     self.act_on(gid, effects).await;
                     if !new_secret {
-                        self.retry_held(gid).await;
+                        self.retry_held(gid, Unblocks::All).await;
                     }
                 }
             }

@@ -125,12 +125,12 @@ impl GroupService {
         });
         let mut new = 0;
         for e in fresh {
-            let (acceptance, _, changed) = self.process(gid, e, Arrival::Mailbox).await;
-            if changed && matches!(acceptance, MessageAcceptance::Accept) {
+            let (acceptance, _, opened) = self.process(gid, e, Arrival::Mailbox).await;
+            if opened != Unblocks::Nothing && matches!(acceptance, MessageAcceptance::Accept) {
                 new += 1;
             }
         }
-        self.retry_held(gid).await;
+        self.retry_held(gid, Unblocks::All).await;
         if answered {
             let _guard = self.lock.lock().await;
             let store = self.store.clone();
@@ -167,7 +167,11 @@ impl GroupService {
             .unwrap_or_default();
         let mut answered = !out.is_empty();
         let wanted = COLLECT_REPLICAS.min(self.mailbox.replicas.max(1));
-        let Ok(peers) = self.net.closest_peers(id.to_vec(), wanted).await else {
+        let Ok(peers) = self
+            .net
+            .closest_peers(id.to_vec(), wanted, "group mailbox collection")
+            .await
+        else {
             return (answered, out);
         };
         let fetched = futures::future::join_all(peers.iter().map(|peer| async move {
@@ -283,7 +287,7 @@ impl GroupService {
                 .collect()
         };
         for gid in groups {
-            self.retry_held(gid).await;
+            self.retry_held(gid, Unblocks::All).await;
         }
     }
 
