@@ -71,6 +71,9 @@ pub struct GroupBenchParams {
     pub formation_timeout: Duration,
     /// Longest wait for the DHT to form before the group is created.
     pub settle: Duration,
+    /// Pause between the warm-up and the measured messages (connections the hand-outs opened
+    /// close after the node's idle timeout, 60 s, unless something keeps them).
+    pub quiet: Duration,
     /// Nodes started at once.
     pub parallel_start: usize,
     /// Invitations sent at once by the creator.
@@ -94,6 +97,7 @@ impl Default for GroupBenchParams {
             message_timeout: Duration::from_secs(30),
             formation_timeout: Duration::from_secs(600),
             settle: Duration::from_secs(60),
+            quiet: Duration::ZERO,
             parallel_start: 8,
             parallel_invites: 16,
             seed: 1,
@@ -179,6 +183,17 @@ pub struct GroupBenchOutcome {
     pub edges: usize,
     /// Mean connections per node.
     pub mean_degree: f64,
+    /// Connections among the nodes when the measured messages began.
+    pub edges_at_start: usize,
+    /// CPU time the process used during the measured meshchat messages, seconds.
+    pub cpu_secs: f64,
+    /// The same for the bare gossipsub messages.
+    pub bare_cpu_secs: Option<f64>,
+    /// CPU time the process used during the quiet pause (nothing sent), seconds.
+    pub quiet_cpu_secs: f64,
+    /// How long the sender's `group_send` took (sealed, committed, handed to gossipsub), over
+    /// the measured messages, ms: the part of the time to all spent before anybody can have it.
+    pub send_call: Percentiles,
     /// Each sender's first message (its sender key handed to every member first).
     pub warm_up: Figures,
     /// The measured meshchat messages.
@@ -215,9 +230,40 @@ impl fmt::Display for GroupBenchOutcome {
         )?;
         writeln!(
             f,
-            "- graph: {} connections, mean degree {:.1}; payload {} bytes (one sealed group envelope)",
-            self.edges, self.mean_degree, self.payload_bytes
+            "- graph: {} connections, mean degree {:.1} (at the start of the measured messages: {}); payload {} bytes (one sealed group envelope)",
+            self.edges, self.mean_degree, self.edges_at_start, self.payload_bytes
         )?;
+        let quiet = self
+            .phases
+            .iter()
+            .find(|(k, _)| k == "quiet")
+            .map(|(_, s)| *s);
+        if let Some(q) = quiet.filter(|q| *q > 0.0) {
+            writeln!(
+                f,
+                "- CPU time during the quiet pause: {:.1} s in {:.0} s ({:.0} % of one core)",
+                self.quiet_cpu_secs,
+                q,
+                100.0 * self.quiet_cpu_secs / q
+            )?;
+        }
+        writeln!(
+            f,
+            "- meshchat `group_send` call (seal, commit, hand to gossipsub), measured messages: p50 {:.0} ms, p99 {:.0} ms",
+            self.send_call.p50, self.send_call.p99
+        )?;
+        match self.bare_cpu_secs {
+            Some(b) => writeln!(
+                f,
+                "- CPU time during the measured messages: meshchat {:.1} s, bare gossipsub {:.1} s",
+                self.cpu_secs, b
+            )?,
+            None => writeln!(
+                f,
+                "- CPU time during the measured messages: meshchat {:.1} s",
+                self.cpu_secs
+            )?,
+        }
         let phases: Vec<String> = self
             .phases
             .iter()
@@ -576,6 +622,17 @@ async fn report_laggards(
             }
         }
     }
+    // What the members hold unopened, all told (an envelope held for a key that never comes
+    // is retried, and costs, while it is held).
+    let mut held: BTreeMap<&'static str, (usize, usize)> = BTreeMap::new();
+    for h in by_node.values() {
+        for (reason, n) in h.group_held() {
+            let e = held.entry(reason).or_default();
+            e.0 += 1;
+            e.1 += n;
+        }
+    }
+    tracing::info!("held unopened after the measured messages (members, envelopes): {held:?}");
     for (m, n) in missed.iter().take(10) {
         let Some(h) = by_node.get(m) else {
             continue;
@@ -704,7 +761,7 @@ async fn run_meshchat(
             match h.group_send(&gid, text).await {
                 Ok(report) => hex::decode(&report.message_id)
                     .ok()
-                    .map(|id| (from, at, id)),
+                    .map(|id| ((from, at, id), at.elapsed())),
                 Err(e) => {
                     tracing::warn!("node {from} could not send: {e}");
                     None
@@ -715,7 +772,7 @@ async fn run_meshchat(
     // Warm-up: every sender's first message hands its sender key to every member.
     let mut warm: Vec<Sent> = Vec::new();
     for (n, &from) in senders.iter().enumerate() {
-        if let Some(s) = send(from, n).await {
+        if let Some((s, _)) = send(from, n).await {
             wait_all(&seen, &s.2, from, &members, params.message_timeout).await;
             warm.push(s);
         }
@@ -723,15 +780,27 @@ async fn run_meshchat(
     }
     out.warm_up = figures(&warm, &members, &lock(&seen), 0);
     phase("warm-up", out);
+    if !params.quiet.is_zero() {
+        let cpu_start = sys::cpu_seconds().unwrap_or(0.0);
+        tokio::time::sleep(params.quiet).await;
+        out.quiet_cpu_secs = sys::cpu_seconds().unwrap_or(0.0) - cpu_start;
+        phase("quiet", out);
+    }
+    out.edges_at_start = graph(&cluster, params.nodes).await.len();
+    let cpu_start = sys::cpu_seconds().unwrap_or(0.0);
     let mut sent: Vec<Sent> = Vec::new();
+    let mut send_calls = Vec::new();
     for (n, &from) in measured.iter().enumerate() {
-        if let Some(s) = send(from, senders.len() + n).await {
+        if let Some((s, took)) = send(from, senders.len() + n).await {
+            send_calls.push(took.as_secs_f64() * 1e3);
             wait_all(&seen, &s.2, from, &members, params.message_timeout).await;
             sent.push(s);
         }
         tokio::time::sleep(params.gap).await;
     }
     // Stragglers of timed-out messages still count as delivered (not as complete).
+    out.cpu_secs = sys::cpu_seconds().unwrap_or(0.0) - cpu_start;
+    out.send_call = Percentiles::of(send_calls);
     let dup = dups.load(std::sync::atomic::Ordering::Relaxed);
     out.meshchat = figures(&sent, &members, &lock(&seen), dup);
     phase("measured messages", out);
@@ -739,11 +808,22 @@ async fn run_meshchat(
     report_laggards(&sent, &by_node, &seen_now, params.message_timeout).await;
 
     // The connection graph, for the bare run.
-    let index: HashMap<PeerId, usize> = (0..params.nodes)
+    let edges = graph(&cluster, params.nodes).await;
+    watchers.abort_all();
+    drop(handles);
+    cluster.stop_all().await;
+    drop(cluster);
+    phase("stop", out);
+    Ok((edges.into_iter().collect(), members))
+}
+
+/// The connections among the cluster's nodes, each as (lower index, higher index).
+async fn graph(cluster: &Cluster, nodes: usize) -> BTreeSet<(usize, usize)> {
+    let index: HashMap<PeerId, usize> = (0..nodes)
         .filter_map(|i| cluster.peer_id(i).map(|p| (p, i)))
         .collect();
     let mut edges: BTreeSet<(usize, usize)> = BTreeSet::new();
-    for i in 0..params.nodes {
+    for i in 0..nodes {
         let Some(h) = cluster.handle(i).await else {
             continue;
         };
@@ -761,12 +841,7 @@ async fn run_meshchat(
             }
         }
     }
-    watchers.abort_all();
-    drop(handles);
-    cluster.stop_all().await;
-    drop(cluster);
-    phase("stop", out);
-    Ok((edges.into_iter().collect(), members))
+    edges
 }
 
 /// A command for a bare gossipsub swarm.
@@ -1011,6 +1086,7 @@ async fn run_bare(
         tokio::time::sleep(params.gap).await;
     }
     out.bare_warm_up = Some(figures(&warm, &members, &lock(&seen), 0));
+    let cpu_start = sys::cpu_seconds().unwrap_or(0.0);
     let mut sent = Vec::new();
     for &from in &measured {
         let s = publish(from).await;
@@ -1018,6 +1094,7 @@ async fn run_bare(
         sent.push(s);
         tokio::time::sleep(params.gap).await;
     }
+    out.bare_cpu_secs = Some(sys::cpu_seconds().unwrap_or(0.0) - cpu_start);
     out.bare = Some(figures(&sent, &members, &lock(&seen), 0));
     out.phases
         .push(("bare messages".into(), t.elapsed().as_secs_f64()));
@@ -1064,6 +1141,10 @@ pub async fn run(params: GroupBenchParams) -> Result<GroupBenchOutcome, SimError
             (
                 "message timeout".into(),
                 format!("{:.0} s", params.message_timeout.as_secs_f64()),
+            ),
+            (
+                "quiet before the measured messages".into(),
+                format!("{:.0} s", params.quiet.as_secs_f64()),
             ),
         ],
         ..GroupBenchOutcome::default()
@@ -1121,6 +1202,11 @@ pub struct GroupBenchArgs {
     /// it does not touch group messages, which go over gossipsub.
     #[arg(long, default_value_t = 10.0)]
     pub minute: f64,
+    /// Seconds to wait between the warm-up and the measured messages: the connections the
+    /// sender-key hand-outs opened close after the idle timeout (60 s) unless something
+    /// still uses them, as in a group that has been talking for a while.
+    #[arg(long, default_value_t = 0.0)]
+    pub quiet: f64,
     /// Skip the bare gossipsub run.
     #[arg(long)]
     pub no_bare: bool,
@@ -1145,6 +1231,7 @@ impl GroupBenchArgs {
             message_timeout: secs(self.message_timeout)?,
             formation_timeout: secs(self.formation_timeout)?,
             settle: Duration::from_secs(120),
+            quiet: secs(self.quiet)?,
             parallel_start: self.parallel_start,
             parallel_invites: self.parallel_invites,
             seed: self.seed,
