@@ -48,6 +48,39 @@ use tokio::{
 };
 
 mod closest;
+
+/// What a closest-peers lookup is for: named in the debug log, and it decides how old a
+/// remembered answer may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LookupPurpose {
+    /// Storing an envelope on its mailbox's replicas.
+    MailboxStore,
+    /// A replica's periodic repair of a mailbox it holds.
+    MailboxRepair,
+    /// Collecting one of our 1:1 mailboxes.
+    MailboxCollection,
+    /// Collecting a group mailbox.
+    GroupMailboxCollection,
+}
+
+impl LookupPurpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::MailboxStore => "mailbox store",
+            Self::MailboxRepair => "mailbox repair",
+            Self::MailboxCollection => "mailbox collection",
+            Self::GroupMailboxCollection => "group mailbox collection",
+        }
+    }
+
+    /// How old a remembered answer may be for this purpose.
+    fn max_age(self) -> std::time::Duration {
+        match self {
+            Self::MailboxRepair => closest::REPAIR_TTL,
+            _ => closest::TTL,
+        }
+    }
+}
 mod groups;
 mod nat;
 
@@ -156,8 +189,8 @@ pub(crate) enum Command {
     ClosestPeers {
         key: Vec<u8>,
         count: NonZeroUsize,
-        /// What the caller wants them for, for the debug log.
-        purpose: &'static str,
+        /// What the caller wants them for.
+        purpose: LookupPurpose,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
     MailboxRequest {
@@ -317,12 +350,13 @@ impl NetClient {
     /// first; never this node (Kademlia leaves the local peer out of every query's results).
     /// The lookup ends once those `count` have answered, so asking for the few a caller uses
     /// costs fewer requests than Kademlia's default of 20.
-    /// `purpose` names the caller in the debug log (what the lookups of a busy network are for).
+    /// `purpose` names the caller in the debug log (what the lookups of a busy network are for)
+    /// and says how old a remembered answer may be.
     pub(crate) async fn closest_peers(
         &self,
         key: Vec<u8>,
         count: usize,
-        purpose: &'static str,
+        purpose: LookupPurpose,
     ) -> Result<Vec<PeerId>, LoopStopped> {
         let count = NonZeroUsize::new(count).unwrap_or(NonZeroUsize::MIN);
         self.call(|reply| Command::ClosestPeers {
@@ -740,7 +774,12 @@ impl EventLoop {
                 purpose,
                 reply,
             } => {
-                let Some(reply) = self.closest.ask(&key, count.get(), Instant::now(), reply) else {
+                let max_age = purpose.max_age();
+                let purpose = purpose.as_str();
+                let Some(reply) =
+                    self.closest
+                        .ask(&key, count.get(), Instant::now(), max_age, reply)
+                else {
                     tracing::debug!(
                         count,
                         purpose,

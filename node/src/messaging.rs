@@ -1128,7 +1128,7 @@ impl Messenger {
             .closest_peers(
                 envelope.routing_key.to_vec(),
                 self.mailbox.replicas.max(1),
-                "mailbox store",
+                crate::event_loop::LookupPurpose::MailboxStore,
             )
             .await
             .map_err(|_| "the node is shutting down".to_owned())?;
@@ -1314,7 +1314,7 @@ impl Messenger {
             .closest_peers(
                 keys.id().to_vec(),
                 self.mailbox.replicas.max(1).saturating_mul(2),
-                "mailbox collection",
+                crate::event_loop::LookupPurpose::MailboxCollection,
             )
             .await
             .map_err(stopped)?;

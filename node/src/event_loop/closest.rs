@@ -32,6 +32,12 @@ use tokio::sync::oneshot;
 
 /// How long a lookup's answer is reused.
 pub(super) const TTL: Duration = Duration::from_secs(60);
+/// How long an answer is reused for a mailbox repair: three repair intervals. A replica's
+/// repair rounds come 60 s ± 20 % after the last one ended, so with [`TTL`] the answer of the
+/// last round had nearly always expired (1 of 5,017 repair lookups answered from memory among
+/// 1,000 nodes, docs/performance.md); an answer that may have become wrong is forgotten at
+/// once all the same ([`Closest::forget_peer`], [`Closest::peer_routed`]).
+pub(super) const REPAIR_TTL: Duration = Duration::from_secs(180);
 /// How long a lookup runs before it may be cut short.
 pub(super) const PATIENCE: Duration = Duration::from_secs(5);
 /// Answers remembered at once; beyond, expired ones are dropped, then all.
@@ -88,15 +94,17 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
     /// Answer `reply` from a remembered lookup or join one in flight that asks for at least
     /// `count`; otherwise hand `reply` back: the caller starts a lookup and calls
     /// [`Self::started`].
+    /// `max_age` is how old a remembered answer may be ([`TTL`] or [`REPAIR_TTL`]).
     pub(super) fn ask(
         &mut self,
         key: &[u8],
         count: usize,
         now: Instant,
+        max_age: Duration,
         reply: Reply,
     ) -> Option<Reply> {
         if let Some(c) = self.cache.get(key) {
-            if now.saturating_duration_since(c.at) < TTL
+            if now.saturating_duration_since(c.at) < max_age.min(REPAIR_TTL)
                 && (c.peers.len() >= count || c.asked >= count)
             {
                 let _ = reply.send(c.peers.iter().take(count).copied().collect());
@@ -176,7 +184,7 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
         if complete && !running.cut && !peers.is_empty() {
             if self.cache.len() >= MAX_CACHED {
                 self.cache
-                    .retain(|_, c| now.saturating_duration_since(c.at) < TTL);
+                    .retain(|_, c| now.saturating_duration_since(c.at) < REPAIR_TTL);
                 if self.cache.len() >= MAX_CACHED {
                     self.cache.clear();
                 }
@@ -229,7 +237,7 @@ mod tests {
         now: Instant,
     ) -> (bool, oneshot::Receiver<Vec<PeerId>>, Option<Reply>) {
         let (tx, rx) = oneshot::channel();
-        let back = c.ask(key, count, now, tx);
+        let back = c.ask(key, count, now, TTL, tx);
         (back.is_none(), rx, back)
     }
 
@@ -249,6 +257,31 @@ mod tests {
         assert!(!answered, "expired");
         let (answered, _, _) = ask(&mut c, b"other", 3, t0);
         assert!(!answered, "per key");
+    }
+
+    #[test]
+    fn a_repair_reuses_an_answer_for_three_minutes_unless_it_may_be_wrong() {
+        let mut c = Closest::default();
+        let t0 = Instant::now();
+        let found = peers(5);
+        let (_, _, reply) = ask(&mut c, b"k", 5, t0);
+        c.started(1, b"k".to_vec(), 5, reply.expect("handed back"), t0);
+        assert!(c.finished(1, found.clone(), true, t0));
+        let repair = |c: &mut Closest<u32>, at: Instant| {
+            let (tx, mut rx) = oneshot::channel();
+            let answered = c.ask(b"k", 5, at, REPAIR_TTL, tx).is_none();
+            (answered, rx.try_recv().ok())
+        };
+        let later = t0 + TTL + Duration::from_secs(30);
+        assert!(!ask(&mut c, b"k", 5, later).0, "too old for a store");
+        assert_eq!(repair(&mut c, later), (true, Some(found.clone())));
+        assert!(
+            !repair(&mut c, t0 + REPAIR_TTL).0,
+            "too old for a repair too"
+        );
+        // Still young enough, but it names a peer that could not be dialled.
+        c.forget_peer(&found[2]);
+        assert!(!repair(&mut c, later).0);
     }
 
     #[test]

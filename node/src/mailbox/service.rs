@@ -341,7 +341,11 @@ impl Service {
         for mailbox in self.store.mailboxes() {
             let Ok(targets) = self
                 .net
-                .closest_peers(mailbox.to_vec(), self.config.replicas, "mailbox repair")
+                .closest_peers(
+                    mailbox.to_vec(),
+                    self.config.replicas,
+                    crate::event_loop::LookupPurpose::MailboxRepair,
+                )
                 .await
             else {
                 return copies;

@@ -169,7 +169,11 @@ impl GroupService {
         let wanted = COLLECT_REPLICAS.min(self.mailbox.replicas.max(1));
         let Ok(peers) = self
             .net
-            .closest_peers(id.to_vec(), wanted, "group mailbox collection")
+            .closest_peers(
+                id.to_vec(),
+                wanted,
+                crate::event_loop::LookupPurpose::GroupMailboxCollection,
+            )
             .await
         else {
             return (answered, out);
