@@ -48,6 +48,8 @@ use tokio::{
 };
 
 mod closest;
+mod groups;
+mod nat;
 
 /// What a closest-peers lookup is for: named in the debug log, and it decides how old a
 /// remembered answer may be.
@@ -81,8 +83,6 @@ impl LookupPurpose {
         }
     }
 }
-mod groups;
-mod nat;
 
 pub(crate) use groups::{
     gossipsub_behaviour, topic_score_params, GossipInbound, GroupCommand, GroupNet, PublishOutcome,

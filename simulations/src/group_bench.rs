@@ -601,9 +601,10 @@ async fn wait_all(seen: &Seen, key: &[u8], from: usize, members: &[usize], timeo
     }
 }
 
-/// Log, for up to 10 members that missed a measured message within `timeout`, how many they
-/// missed, what their node holds unopened and how many connections it has: what the next run
-/// needs to tell a member cut off from the mesh from one waiting for sender keys.
+/// Log what all members hold unopened, all told; then, for up to 10 members that missed a
+/// measured message within `timeout`, how many they missed, what their node holds unopened and
+/// how many connections it has: what the next run needs to tell a member cut off from the mesh
+/// from one waiting for sender keys.
 async fn report_laggards(
     sent: &[Sent],
     by_node: &HashMap<usize, NodeHandle>,

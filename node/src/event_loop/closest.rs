@@ -1,4 +1,4 @@
-//! Closest-peer lookups, remembered for a minute and shared while they run.
+//! Closest-peer lookups, remembered for a minute (three for a repair) and shared while they run.
 //!
 //! Every mailbox operation starts with "the peers closest to this key": storing a message or a
 //! group message, each collection round for each mailbox a user watches (its own, one per
@@ -104,7 +104,7 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
         reply: Reply,
     ) -> Option<Reply> {
         if let Some(c) = self.cache.get(key) {
-            if now.saturating_duration_since(c.at) < max_age.min(REPAIR_TTL)
+            if now.saturating_duration_since(c.at) < max_age
                 && (c.peers.len() >= count || c.asked >= count)
             {
                 let _ = reply.send(c.peers.iter().take(count).copied().collect());
@@ -241,6 +241,19 @@ mod tests {
         (back.is_none(), rx, back)
     }
 
+    /// Ask for `count` peers of key `k` at `at`, start lookup `id` and finish it with `found`.
+    fn looked_up(
+        c: &mut Closest<u32>,
+        id: u32,
+        count: usize,
+        found: Vec<PeerId>,
+        at: Instant,
+    ) -> bool {
+        let (_, _, reply) = ask(c, b"k", count, at);
+        c.started(id, b"k".to_vec(), count, reply.expect("handed back"), at);
+        c.finished(id, found, true, at)
+    }
+
     #[test]
     fn an_answer_is_reused_for_a_minute_then_looked_up_again() {
         let mut c = Closest::default();
@@ -264,9 +277,7 @@ mod tests {
         let mut c = Closest::default();
         let t0 = Instant::now();
         let found = peers(5);
-        let (_, _, reply) = ask(&mut c, b"k", 5, t0);
-        c.started(1, b"k".to_vec(), 5, reply.expect("handed back"), t0);
-        assert!(c.finished(1, found.clone(), true, t0));
+        assert!(looked_up(&mut c, 1, 5, found.clone(), t0));
         let repair = |c: &mut Closest<u32>, at: Instant| {
             let (tx, mut rx) = oneshot::channel();
             let answered = c.ask(b"k", 5, at, REPAIR_TTL, tx).is_none();
@@ -288,9 +299,7 @@ mod tests {
     fn more_peers_than_were_asked_for_need_a_new_lookup_unless_there_are_no_more() {
         let mut c = Closest::default();
         let t0 = Instant::now();
-        let (_, _, reply) = ask(&mut c, b"k", 3, t0);
-        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"), t0);
-        c.finished(1, peers(3), true, t0);
+        looked_up(&mut c, 1, 3, peers(3), t0);
         assert!(!ask(&mut c, b"k", 10, t0).0, "asked for 3: more may exist");
         // A lookup for 10 that found 4: the network has no more; 10 are answered with those.
         let (_, _, reply) = ask(&mut c, b"small", 10, t0);
@@ -318,9 +327,7 @@ mod tests {
             !ask(&mut c, b"k", 2, t0).0,
             "a timed-out lookup is not remembered"
         );
-        let (_, _, reply) = ask(&mut c, b"k", 2, t0);
-        c.started(8, b"k".to_vec(), 2, reply.expect("handed back"), t0);
-        c.finished(8, Vec::new(), true, t0);
+        looked_up(&mut c, 8, 2, Vec::new(), t0);
         assert!(!ask(&mut c, b"k", 2, t0).0, "nor an empty one");
         assert!(!c.finished(99, Vec::new(), true, t0), "not ours");
     }
@@ -352,9 +359,7 @@ mod tests {
         let mut all = peers(40);
         all.sort_by_key(|p| target.distance(&KBucketKey::from(*p)));
         let (closer, found, farther) = (all[0], all[1..4].to_vec(), all[39]);
-        let (_, _, reply) = ask(&mut c, b"k", 3, t0);
-        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"), t0);
-        c.finished(1, found.clone(), true, t0);
+        looked_up(&mut c, 1, 3, found.clone(), t0);
         c.peer_routed(&farther);
         c.peer_routed(&found[2]);
         assert!(
@@ -367,9 +372,7 @@ mod tests {
             "a closer peer: looked up again"
         );
         // An answer with fewer peers than asked for: any new peer may belong in it.
-        let (_, _, reply) = ask(&mut c, b"k", 5, t0);
-        c.started(2, b"k".to_vec(), 5, reply.expect("handed back"), t0);
-        c.finished(2, found.clone(), true, t0);
+        looked_up(&mut c, 2, 5, found.clone(), t0);
         assert!(ask(&mut c, b"k", 5, t0).0);
         c.peer_routed(&farther);
         assert!(!ask(&mut c, b"k", 5, t0).0);
@@ -380,9 +383,7 @@ mod tests {
         let mut c = Closest::default();
         let t0 = Instant::now();
         let found = peers(3);
-        let (_, _, reply) = ask(&mut c, b"k", 3, t0);
-        c.started(1, b"k".to_vec(), 3, reply.expect("handed back"), t0);
-        c.finished(1, found.clone(), true, t0);
+        looked_up(&mut c, 1, 3, found.clone(), t0);
         c.forget_peer(&PeerId::random());
         assert!(ask(&mut c, b"k", 3, t0).0, "another peer: kept");
         c.forget_peer(&found[1]);

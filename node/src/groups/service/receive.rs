@@ -279,9 +279,9 @@ impl GroupService {
         envelope: Envelope,
         arrival: Arrival,
     ) -> (MessageAcceptance, &'static str, Unblocks) {
-        let (acceptance, reason, changed, _) =
+        let (acceptance, reason, unblocks, _) =
             self.process_from(gid, envelope, arrival, None).await;
-        (acceptance, reason, changed)
+        (acceptance, reason, unblocks)
     }
 
     /// [`Self::process`] for a gossipsub message from `origin`; the last value says whether
@@ -327,7 +327,7 @@ impl GroupService {
                 );
             }
         };
-        let (acceptance, reason, changed) = match opened {
+        let (acceptance, reason, unblocks) = match opened {
             Opened::Stored {
                 message,
                 effects,
@@ -380,7 +380,7 @@ impl GroupService {
                 (MessageAcceptance::Reject, reason_of(&e), Unblocks::Nothing)
             }
         };
-        (acceptance, reason, changed, false)
+        (acceptance, reason, unblocks, false)
     }
 
     pub(super) async fn mark_seen(&self, gid: GroupId, envelope: &Envelope) {
@@ -648,7 +648,7 @@ impl GroupService {
             {
                 return;
             }
-            if let (Some(gid), true) = (gid, unblocks != Unblocks::Nothing) {
+            if let Some(gid) = gid.filter(|_| unblocks != Unblocks::Nothing) {
                 self.retry_held(gid, unblocks).await;
             }
         }
