@@ -1187,3 +1187,42 @@ async fn an_invitation_that_cannot_be_sent_adds_nobody() {
     let members = admin.group_members(&view.id).await.expect("members");
     assert_eq!(members.len(), 2, "{members:?}");
 }
+
+/// The last member invited got no envelope from its inviter since, so without more it would
+/// lack the inviter's sender chain and hold every op the inviter sealed before (found in the
+/// group mailbox) for ten minutes, asking for the key. The inviter hands its chain over with
+/// the invitation: what came before is below the chain's start and dropped at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_member_invited_holds_nothing_from_before_it_joined() {
+    let (_boot, users) = users(4).await;
+    let group = form_group(&users, "last").await;
+    let last = &users[3].handle;
+    last.group_collect().await.expect("collect");
+    // The hand-out travels beside the invitation; the ops are in the group mailbox.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let held = last.group_held();
+        let waiting: usize = held.iter().map(|(_, n)| n).sum();
+        if waiting == 0 && Instant::now() > deadline {
+            break;
+        }
+        assert!(
+            waiting == 0 || Instant::now() < deadline,
+            "the last member still holds envelopes 5 s after collecting: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        last.group_collect().await.expect("collect");
+    }
+    // And it reads the inviter's next message, with the chain it was handed.
+    users[0]
+        .handle
+        .group_send(&group, "after the last join".into())
+        .await
+        .expect("send");
+    eventually("the last member reads the admin's message", || async {
+        received(last.storage(), &group)
+            .iter()
+            .any(|m| m.body == "after the last join")
+    })
+    .await;
+}

@@ -760,7 +760,46 @@ impl GroupService {
             .send_control_with(*contact, GroupControl::Invite(invite), route)
             .await?;
         tracing::info!(group = %gid, invitee = %contact.user_id(), "invited a member");
+        self.hand_current_chain(gid, *contact).await;
         Ok(view)
+    }
+
+    /// Hand our sender chain, at its current position, to `member` (one we just invited)
+    /// unless it has it or is being handed it. Our own envelopes only hand the chain to those
+    /// who were members when they were sealed, so without this the member added last would
+    /// never get it until we write again: it would hold every op we sealed before its
+    /// invitation (found in the group mailbox) for lack of a key, and ask for it. With the
+    /// chain in hand those are below its start and dropped at once.
+    async fn hand_current_chain(self: &Arc<Self>, gid: GroupId, member: PublicIdentity) {
+        let _guard = self.lock.lock().await;
+        let store = self.store.clone();
+        let current = blocking(move || {
+            let Some(rec) = store.group(&gid)? else {
+                return Ok(None);
+            };
+            let handed = store.handed(&gid, &member)?;
+            Ok(store
+                .own_chain(&gid)?
+                // A chain retired by a removal is replaced (and handed out) at our next send.
+                .filter(|own| own.epoch >= rec.state.rekey_epoch())
+                .filter(|own| handed != Some(own.chain.key_id())))
+        })
+        .await;
+        let own = match current {
+            Ok(Some(own)) => own,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read our sender chain");
+                return;
+            }
+        };
+        let key_id = own.chain.key_id();
+        if !lock(&self.distributing).insert((gid, member, key_id)) {
+            return;
+        }
+        let dist = own.chain.distribution(gid, own.epoch, self.me);
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.hand_out(gid, member, dist).await });
     }
 
     pub(crate) async fn invites(self: &Arc<Self>) -> Result<Vec<InviteView>, NodeError> {
