@@ -166,6 +166,10 @@ pub struct Formation {
     pub invite_secs: f64,
     /// Creation to the last join (s).
     pub join_secs: f64,
+    /// Creation to the median join (s).
+    pub join_p50_secs: f64,
+    /// Joins later than [`LATE_JOIN`] after creation: (node, seconds).
+    pub late_joins: Vec<(usize, f64)>,
     /// Creation to every member seeing every member (s).
     pub converge_secs: f64,
 }
@@ -225,9 +229,22 @@ impl fmt::Display for GroupBenchOutcome {
         let fo = &self.formation;
         writeln!(
             f,
-            "- formation: {} joined, {} saw every member; invitations sent in {:.1} s ({} attempts failed and were sent again), last join at {:.1} s, converged at {:.1} s",
-            fo.joined, fo.converged, fo.invite_secs, fo.invite_failures, fo.join_secs, fo.converge_secs
+            "- formation: {} joined, {} saw every member; invitations sent in {:.1} s ({} attempts failed and were sent again), joins p50 {:.1} s, last join at {:.1} s, converged at {:.1} s",
+            fo.joined, fo.converged, fo.invite_secs, fo.invite_failures, fo.join_p50_secs, fo.join_secs, fo.converge_secs
         )?;
+        if !fo.late_joins.is_empty() {
+            let late: Vec<String> = fo
+                .late_joins
+                .iter()
+                .map(|(i, at)| format!("node {i} at {at:.1} s"))
+                .collect();
+            writeln!(
+                f,
+                "- joins later than {} s: {}",
+                LATE_JOIN.as_secs(),
+                late.join(", ")
+            )?;
+        }
         writeln!(
             f,
             "- graph: {} connections, mean degree {:.1} (at the start of the measured messages: {}); payload {} bytes (one sealed group envelope)",
@@ -340,6 +357,10 @@ async fn handle(cluster: &Cluster, i: usize) -> Result<NodeHandle, SimError> {
         .ok_or(SimError::Cluster(ClusterError::NotRunning { node: i }))
 }
 
+/// A join later than this after the group's creation is reported by node: an invitation
+/// that waited in the invitee's mailbox for a collection instead of being pushed.
+pub const LATE_JOIN: Duration = Duration::from_secs(60);
+
 /// Node 0 creates a group and invites nodes `1..members`; each joins when its invitation
 /// arrives. Done when every member sees `members` members (or `timeout`). Returns the group id,
 /// how it went and the nodes that joined (node 0 included).
@@ -395,7 +416,8 @@ pub async fn form_group(
     let invite_secs = t0.elapsed().as_secs_f64();
     tracing::info!("{} invitations sent in {invite_secs:.1} s", invitees.len());
     let mut in_group = vec![0];
-    let mut last_join = Duration::ZERO;
+    let mut join_times = Vec::new();
+    let mut late_joins = Vec::new();
     let mut progress = tokio::time::interval(Duration::from_secs(10));
     progress.tick().await;
     loop {
@@ -404,7 +426,16 @@ pub async fn form_group(
                 None => break,
                 Some(Ok(Some((i, at)))) => {
                     in_group.push(i);
-                    last_join = last_join.max(at);
+                    join_times.push(at);
+                    if at > LATE_JOIN {
+                        // Which peer, to find it in a debug log of the nodes.
+                        tracing::warn!(
+                            "node {i} ({:?}) joined only {:.1} s after the group was created",
+                            cluster.peer_id(i),
+                            at.as_secs_f64()
+                        );
+                        late_joins.push((i, at.as_secs_f64()));
+                    }
                 }
                 Some(_) => {}
             },
@@ -412,6 +443,8 @@ pub async fn form_group(
         }
     }
     in_group.sort_unstable();
+    join_times.sort_unstable();
+    let last_join = join_times.last().copied().unwrap_or_default();
     let joined = in_group.len();
     tracing::info!(
         "{joined} of {members} joined; last at {:.1} s",
@@ -428,6 +461,10 @@ pub async fn form_group(
         invite_failures,
         invite_secs,
         join_secs: last_join.as_secs_f64(),
+        join_p50_secs: join_times
+            .get(join_times.len() / 2)
+            .map_or(0.0, Duration::as_secs_f64),
+        late_joins,
         converge_secs: t0.elapsed().as_secs_f64(),
     };
     tracing::info!(
