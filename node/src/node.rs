@@ -563,7 +563,7 @@ impl NodeHandle {
         // A replica leaving cleanly hands its mail to the closest peers first.
         if !*self.inner.shutdown.borrow() && self.inner.service.store().totals().0 > 0 {
             let handed =
-                tokio::time::timeout(HAND_OFF_TIMEOUT, self.inner.service.hand_over(true)).await;
+                tokio::time::timeout(HAND_OFF_TIMEOUT, self.inner.service.hand_over()).await;
             tracing::debug!(?handed, "mailbox hand-off before shutdown");
         }
         self.inner.shutdown.send_replace(true);
