@@ -145,7 +145,7 @@ impl RepairSchedule {
     }
 
     /// A repair of `mailbox` at `now` handed `contents` to `targets`, who accepted `copies`
-    /// they lacked.
+    /// they lacked. Returns what made it due every interval, if anything (for the debug log).
     fn repaired(
         &mut self,
         mailbox: [u8; 32],
@@ -154,13 +154,18 @@ impl RepairSchedule {
         copies: usize,
         interval: Duration,
         now: Instant,
-    ) {
+    ) -> Option<&'static str> {
         let mut targets = targets.to_vec();
         targets.sort_unstable();
-        let steps = match self.by_mailbox.get(&mailbox) {
-            Some(q) if copies == 0 && q.targets == targets && q.contents == contents => {
-                (q.steps + 1).min(MAX_QUIET_STEPS)
-            }
+        let busy = match self.by_mailbox.get(&mailbox) {
+            None => Some("first repair"),
+            Some(_) if copies > 0 => Some("a copy was lacking"),
+            Some(q) if q.targets != targets => Some("other closest peers"),
+            Some(q) if q.contents != contents => Some("other mail"),
+            Some(_) => None,
+        };
+        let steps = match (busy, self.by_mailbox.get(&mailbox)) {
+            (None, Some(q)) => (q.steps + 1).min(MAX_QUIET_STEPS),
             _ => 0,
         };
         // The loop's rounds come an interval ± the jitter apart: due from the earliest of
@@ -177,6 +182,7 @@ impl RepairSchedule {
                 due: now + wait,
             },
         );
+        busy
     }
 
     /// New mail arrived in `mailbox`: repair it in the next round.
@@ -514,13 +520,18 @@ impl Service {
             let accepted = results.into_iter().filter(|b| *b).count();
             copies += accepted;
             if !leaving {
-                lock(&self.repairs).repaired(
+                let busy = lock(&self.repairs).repaired(
                     mailbox,
                     &targets,
                     fingerprint(&envelopes),
                     accepted,
                     self.config.repair_interval,
                     Instant::now(),
+                );
+                tracing::debug!(
+                    mailbox = %short(&mailbox),
+                    why = busy.unwrap_or("quiet"),
+                    "mailbox repaired"
                 );
             }
         }
@@ -565,14 +576,17 @@ mod tests {
         let (m, t0) = ([1u8; 32], Instant::now());
         let peers = vec![PeerId::random(), PeerId::random(), PeerId::random()];
         assert!(s.due(&m, t0), "a mailbox never repaired is due");
-        s.repaired(m, &peers, 7, 0, MINUTE, t0);
+        assert_eq!(
+            s.repaired(m, &peers, 7, 0, MINUTE, t0),
+            Some("first repair")
+        );
         // First seen: the next round (which comes 48–72 s later) repairs it again.
         assert!(s.due(&m, t0 + MINUTE.mul_f64(1.0 - JITTER_SHARE)));
         let t1 = t0 + MINUTE;
         // The same peers in another order, the same mail: quiet.
         let mut shuffled = peers.clone();
         shuffled.reverse();
-        s.repaired(m, &shuffled, 7, 0, MINUTE, t1);
+        assert_eq!(s.repaired(m, &shuffled, 7, 0, MINUTE, t1), None);
         assert!(!s.due(&m, t1 + MINUTE), "quiet once: two intervals");
         assert!(s.due(&m, t1 + MINUTE * 2));
         let t2 = t1 + MINUTE * 2;
@@ -602,12 +616,15 @@ mod tests {
         let mut s = RepairSchedule::default();
         quiet(&mut s);
         let other = vec![peers[0], peers[1], PeerId::random()];
-        s.repaired(m, &other, 7, 0, MINUTE, t0);
+        assert_eq!(
+            s.repaired(m, &other, 7, 0, MINUTE, t0),
+            Some("other closest peers")
+        );
         assert!(s.due(&m, later), "another replica set: every interval");
 
         let mut s = RepairSchedule::default();
         quiet(&mut s);
-        s.repaired(m, &peers, 8, 0, MINUTE, t0);
+        assert_eq!(s.repaired(m, &peers, 8, 0, MINUTE, t0), Some("other mail"));
         assert!(
             s.due(&m, later),
             "other mail (some collected): every interval"
@@ -615,7 +632,10 @@ mod tests {
 
         let mut s = RepairSchedule::default();
         quiet(&mut s);
-        s.repaired(m, &peers, 7, 1, MINUTE, t0);
+        assert_eq!(
+            s.repaired(m, &peers, 7, 1, MINUTE, t0),
+            Some("a copy was lacking")
+        );
         assert!(s.due(&m, later), "a copy someone lacked: every interval");
 
         let mut s = RepairSchedule::default();
