@@ -429,6 +429,58 @@ async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
     }
 }
 
+/// A replica pushes to a subscriber it is no longer connected to and that is not in its
+/// routing table (a DHT client: Kademlia keeps no address for it), dialling it where it said
+/// it listens. In this small network the swarm's own address cache (identify's listen
+/// addresses, 100 peers) still knows B, so the test passes without the event loop's larger
+/// memory of them (`heard`, 4,096 peers) too: it guards the path, not the size. Among 1,000
+/// nodes that cache had long forgotten most subscribers (docs/performance.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_dials_a_subscriber_it_knows_only_from_its_subscription() {
+    let brief = |c: &mut NodeConfig| c.limits.idle_connection_timeout = Duration::from_secs(1);
+    let first = start_cfg(Vec::new(), brief).await;
+    let boot = first.addr.clone();
+    let mut servers = vec![first];
+    for _ in 1..5 {
+        servers.push(start_cfg(vec![boot.clone()], brief).await);
+    }
+    for s in &servers[1..] {
+        s.handle.dial(boot.clone()).await.expect("dial");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = subscribed_recipient_cfg(&boot, |c| {
+        c.dht_server = false;
+        brief(c);
+    })
+    .await;
+    let mut events = b.handle.subscribe();
+    // Every connection of B's closes: a push has to dial it.
+    let deadline = Instant::now() + WAIT;
+    while !b
+        .handle
+        .status()
+        .await
+        .expect("status")
+        .connected
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "B's connections never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let a = start_cfg(vec![boot.clone()], brief).await;
+    send_stored(&a, &b.identity.public(), "dialled back").await;
+    let got = message_within(&mut events, Duration::from_secs(3))
+        .await
+        .expect("pushed within 3 s: the replica dialled B");
+    assert_eq!(got.body, "dialled back");
+    for n in [&a.handle, &b.handle] {
+        n.shutdown().await;
+    }
+    for s in &servers {
+        s.handle.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_that_failed_is_tried_again_once_the_subscriber_is_reachable() {
     let servers = servers(5).await;
