@@ -118,12 +118,13 @@ enum Round {
     Leaving,
 }
 
-/// When each mailbox a replica holds is due for repair by the clock. Among 1,000 nodes, 60 %
-/// of all closest-peer lookups were repairs (docs/performance.md), nearly all of mailboxes
-/// whose replicas already held everything; each also sent every envelope to each replica
-/// again. A mailbox whose repair changed nothing — the same closest peers, the same mail, no
-/// copy newly accepted — waits 2, then 4 intervals ([`MAX_QUIET_STEPS`]); new mail, another
-/// replica set or a copy someone lacked brings it back to every interval.
+/// When each mailbox a replica holds is due for repair by the clock. Each repair looks the
+/// mailbox up and sends every envelope to each of its closest peers again. A mailbox whose
+/// repair changed nothing — the same closest peers, the same mail, no copy newly accepted —
+/// waits 2, then 4 intervals ([`MAX_QUIET_STEPS`]); new mail, another replica set or a copy
+/// someone lacked brings it back to every interval. That serves mail kept for days for a user
+/// who is away; among 1,000 busy nodes, where a mailbox holds mail for a minute or two and
+/// keeps changing, only 443 of 5,653 repairs were quiet (docs/performance.md).
 #[derive(Debug, Default)]
 struct RepairSchedule {
     by_mailbox: HashMap<[u8; 32], Quiet>,
@@ -158,7 +159,7 @@ impl RepairSchedule {
         let mut targets = targets.to_vec();
         targets.sort_unstable();
         let busy = match self.by_mailbox.get(&mailbox) {
-            None => Some("first repair"),
+            None => Some("new mail or first repair"),
             Some(_) if copies > 0 => Some("a copy was lacking"),
             Some(q) if q.targets != targets => Some("other closest peers"),
             Some(q) if q.contents != contents => Some("other mail"),
@@ -578,7 +579,7 @@ mod tests {
         assert!(s.due(&m, t0), "a mailbox never repaired is due");
         assert_eq!(
             s.repaired(m, &peers, 7, 0, MINUTE, t0),
-            Some("first repair")
+            Some("new mail or first repair")
         );
         // First seen: the next round (which comes 48–72 s later) repairs it again.
         assert!(s.due(&m, t0 + MINUTE.mul_f64(1.0 - JITTER_SHARE)));
