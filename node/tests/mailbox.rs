@@ -90,11 +90,16 @@ async fn start_cfg(bootstrap: Vec<Multiaddr>, change: impl FnOnce(&mut NodeConfi
 
 /// `n` always-on nodes that hold mail (the first is everybody's bootstrap).
 async fn servers(n: usize) -> Vec<TestNode> {
-    let first = start(Vec::new()).await;
+    servers_cfg(n, |_| {}).await
+}
+
+/// [`servers`], each configured with `change`.
+async fn servers_cfg(n: usize, change: fn(&mut NodeConfig)) -> Vec<TestNode> {
+    let first = start_cfg(Vec::new(), change).await;
     let boot = first.addr.clone();
     let mut out = vec![first];
     for _ in 1..n {
-        out.push(start(vec![boot.clone()]).await);
+        out.push(start_cfg(vec![boot.clone()], change).await);
     }
     // Let every server learn about the others.
     for s in &out[1..] {
@@ -437,17 +442,11 @@ async fn replicas_push_new_mail_to_an_online_recipient_at_once() {
 /// nodes that cache had long forgotten most subscribers (docs/performance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_dials_a_subscriber_it_knows_only_from_its_subscription() {
-    let brief = |c: &mut NodeConfig| c.limits.idle_connection_timeout = Duration::from_secs(1);
-    let first = start_cfg(Vec::new(), brief).await;
-    let boot = first.addr.clone();
-    let mut servers = vec![first];
-    for _ in 1..5 {
-        servers.push(start_cfg(vec![boot.clone()], brief).await);
+    fn brief(c: &mut NodeConfig) {
+        c.limits.idle_connection_timeout = Duration::from_secs(1);
     }
-    for s in &servers[1..] {
-        s.handle.dial(boot.clone()).await.expect("dial");
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let servers = servers_cfg(5, brief).await;
+    let boot = servers[0].addr.clone();
     let b = subscribed_recipient_cfg(&boot, |c| {
         c.dht_server = false;
         brief(c);
