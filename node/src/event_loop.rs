@@ -36,7 +36,7 @@ use libp2p::{
     identify, kad,
     multiaddr::Protocol,
     request_response::{self, OutboundRequestId, ResponseChannel},
-    swarm::{ConnectionId, SwarmEvent},
+    swarm::{ConnectionId, DialError, PeerAddresses, SwarmEvent},
     Multiaddr, PeerId, Swarm,
 };
 use meshchat_protocol::envelope::Envelope;
@@ -109,9 +109,8 @@ const MAX_PENDING_CHECKS: usize = 64;
 /// How often deadlines (lookups, bans) are checked.
 const TICK: Duration = Duration::from_millis(100);
 /// Peers whose listen addresses (from identify) are remembered, least recently heard of
-/// forgotten first; and the addresses kept per peer.
-const MAX_HEARD_PEERS: usize = 4_096;
-const MAX_HEARD_ADDRS: usize = 8;
+/// forgotten first (libp2p's `PeerAddresses` keeps up to 10 addresses each).
+const MAX_HEARD_PEERS: NonZeroUsize = NonZeroUsize::new(4_096).expect("positive");
 
 /// A record found by a lookup: untrusted, to be validated by the caller.
 #[derive(Debug, Clone)]
@@ -448,7 +447,9 @@ pub(crate) struct EventLoop {
     /// routing table (Kademlia keeps 20 peers a bucket; clients none) had no address for it.
     /// Among 1,000 nodes 4,459 push attempts failed to dial while 3,077 arrived
     /// (docs/performance.md).
-    heard: hashlink::LruCache<PeerId, Vec<Multiaddr>>,
+    /// It is the swarm's own address cache (which request-response keeps for 100 peers), larger;
+    /// an address that fails to dial is dropped from it.
+    heard: PeerAddresses,
     mailbox_inbound: mpsc::Sender<InboundMailbox>,
     online: watch::Sender<u64>,
     connections: HashMap<PeerId, HashMap<ConnectionId, ConnectionInfo>>,
@@ -510,7 +511,7 @@ pub(crate) fn new(
         pending_dial: HashMap::new(),
         closest: closest::Closest::default(),
         pending_mailbox: HashMap::new(),
-        heard: hashlink::LruCache::new(MAX_HEARD_PEERS),
+        heard: PeerAddresses::new(MAX_HEARD_PEERS),
         mailbox_inbound,
         online,
         connections: HashMap::new(),
@@ -818,7 +819,7 @@ impl EventLoop {
                 }
                 // Without a connection, the dial also tries where the peer said it listens
                 // (besides what Kademlia knows).
-                let addrs = self.heard.get(&peer).cloned().unwrap_or_default();
+                let addrs = self.heard.get(&peer).collect();
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -896,23 +897,19 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                let addrs: Vec<Multiaddr> = info
-                    .listen_addrs
-                    .into_iter()
-                    .filter(|a| !is_unspecified(a))
-                    .take(MAX_HEARD_ADDRS)
-                    .collect();
-                if info.protocols.contains(&KAD_PROTOCOL) {
-                    // A DHT peer: let Kademlia know where it listens.
-                    for addr in &addrs {
+                let dht = info.protocols.contains(&KAD_PROTOCOL);
+                for addr in info.listen_addrs {
+                    if is_unspecified(&addr) {
+                        continue;
+                    }
+                    if dht {
+                        // A DHT peer: let Kademlia know where it listens.
                         self.swarm
                             .behaviour_mut()
                             .kad
                             .add_address(&peer_id, addr.clone());
                     }
-                }
-                if !addrs.is_empty() {
-                    self.heard.insert(peer_id, addrs);
+                    self.heard.add(peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(_) => {}
@@ -966,6 +963,11 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
+                if let (Some(peer), DialError::Transport(failed)) = (peer_id, &error) {
+                    for (addr, _) in failed {
+                        self.heard.remove(&peer, addr);
+                    }
+                }
                 if let Some(peer) = peer_id {
                     self.closest.forget_peer(&peer);
                     for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
