@@ -1280,17 +1280,7 @@ impl Messenger {
             None => 1,
         };
         let longest = Duration::from_secs(crate::mailbox::service::SUBSCRIPTION_SECS / 2);
-        let wait = self
-            .mailbox
-            .collect_interval
-            .saturating_mul(1 << steps)
-            .min(longest.max(self.mailbox.collect_interval));
-        // A round starts a little early (the interval's jitter): count from its lower end.
-        let wait = wait.saturating_sub(
-            self.mailbox
-                .collect_interval
-                .mul_f64(crate::mailbox::JITTER),
-        );
+        let wait = crate::mailbox::quiet_wait(self.mailbox.collect_interval, steps, longest);
         if idle.len() >= MAX_IDLE_MAILBOXES && !idle.contains_key(&id) {
             idle.clear();
         }

@@ -85,7 +85,18 @@ async fn start_with(bootstrap: Vec<Multiaddr>, tweak: fn(&mut NodeConfig)) -> Te
 
 /// Restart a node that was shut down, on its home.
 async fn restart(home: TempDir, identity: Identity, boot: &Multiaddr) -> TestNode {
-    let config = config(home.path(), vec![boot.clone()]);
+    restart_with(home, identity, boot, |_| {}).await
+}
+
+/// [`restart`], the configuration changed by `tweak`.
+async fn restart_with(
+    home: TempDir,
+    identity: Identity,
+    boot: &Multiaddr,
+    tweak: fn(&mut NodeConfig),
+) -> TestNode {
+    let mut config = config(home.path(), vec![boot.clone()]);
+    tweak(&mut config);
     start_in(home, identity, config).await
 }
 
@@ -508,12 +519,13 @@ async fn a_member_back_without_a_writers_sender_key_asks_for_it_and_reads_within
     tokio::time::sleep(Duration::from_secs(8)).await;
 
     let started = Instant::now();
-    let config = {
-        let mut c = config(away.home.path(), vec![boot.addr.clone()]);
-        no_mailboxes_and_a_slow_outbox(&mut c);
-        c
-    };
-    let back = start_in(away.home, away.identity, config).await;
+    let back = restart_with(
+        away.home,
+        away.identity,
+        &boot.addr,
+        no_mailboxes_and_a_slow_outbox,
+    )
+    .await;
     // The message comes over gossipsub as soon as the member subscribes; it is held without
     // its key until the member asks the group (10-15 s later: it has a chain of its own) and
     // the writer's outbox tries the hand-out at once, ~100 s before its retry.
@@ -1199,22 +1211,19 @@ async fn the_last_member_invited_holds_nothing_from_before_it_joined() {
     let (_boot, users) = users(4).await;
     let group = form_group(&users, "last").await;
     let last = &users[3].handle;
-    last.group_collect().await.expect("collect");
-    // The hand-out travels beside the invitation; the ops are in the group mailbox.
+    // The hand-out travels beside the invitation; the ops are in the group mailbox: read it
+    // for 5 s, then nothing may be held.
     let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let held = last.group_held();
-        let waiting: usize = held.iter().map(|(_, n)| n).sum();
-        if waiting == 0 && Instant::now() > deadline {
-            break;
-        }
-        assert!(
-            waiting == 0 || Instant::now() < deadline,
-            "the last member still holds envelopes 5 s after collecting: {held:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    while Instant::now() < deadline {
         last.group_collect().await.expect("collect");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let held = last.group_held();
+    assert_eq!(
+        held.iter().map(|(_, n)| n).sum::<usize>(),
+        0,
+        "the last member still holds envelopes 5 s after collecting: {held:?}"
+    );
     // And it reads the inviter's next message, with the chain it was handed.
     users[0]
         .handle
@@ -1279,12 +1288,13 @@ async fn a_message_that_overtook_the_one_before_it_opens_the_moment_that_one_arr
     );
 
     // The reader comes back (still no mailbox) and gets the third before the second.
-    let config = {
-        let mut c = config(reader.home.path(), vec![boot.addr.clone()]);
-        no_mailboxes_and_a_slow_outbox(&mut c);
-        c
-    };
-    let back = start_in(reader.home, reader.identity, config).await;
+    let back = restart_with(
+        reader.home,
+        reader.identity,
+        &boot.addr,
+        no_mailboxes_and_a_slow_outbox,
+    )
+    .await;
     spy.join_topic(&back, &topic).await;
     spy.publish(&topic, third).await;
     tokio::time::sleep(Duration::from_millis(100)).await;

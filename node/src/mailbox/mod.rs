@@ -25,6 +25,17 @@ pub(crate) fn jittered(period: Duration) -> Duration {
     period.mul_f64(factor)
 }
 
+/// When a round that comes every `interval` (± [`JITTER`]) next takes up something it found
+/// quiet: `2^steps` intervals later, at most `longest` (and never less than one interval),
+/// counted from the earliest such a round can come. The collection of an empty mailbox and
+/// the repair of a mailbox that changed nothing back off this way.
+pub(crate) fn quiet_wait(interval: Duration, steps: u32, longest: Duration) -> Duration {
+    interval
+        .saturating_mul(1 << steps)
+        .min(longest.max(interval))
+        .saturating_sub(interval.mul_f64(JITTER))
+}
+
 /// Placement, collection and repair settings, with their defaults.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -65,6 +76,21 @@ impl Default for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quiet_wait_doubles_up_to_its_cap_from_the_earliest_round() {
+        let (minute, s) = (Duration::from_secs(60), Duration::from_secs);
+        let early = minute.mul_f64(JITTER);
+        assert_eq!(quiet_wait(minute, 0, s(300)), minute - early);
+        assert_eq!(quiet_wait(minute, 2, s(300)), s(240) - early);
+        assert_eq!(quiet_wait(minute, 3, s(300)), s(300) - early, "capped");
+        assert_eq!(
+            quiet_wait(minute, 2, s(10)),
+            minute - early,
+            "never under one"
+        );
+        assert_eq!(quiet_wait(minute, 2, Duration::MAX), s(240) - early);
+    }
 
     #[test]
     fn jittered_periods_stay_within_the_stated_share_and_are_spread() {

@@ -169,11 +169,7 @@ impl RepairSchedule {
             (None, Some(q)) => (q.steps + 1).min(MAX_QUIET_STEPS),
             _ => 0,
         };
-        // The loop's rounds come an interval ± the jitter apart: due from the earliest of
-        // them, so that `2^steps` intervals is what it takes.
-        let wait = interval
-            .saturating_mul(1 << steps)
-            .saturating_sub(interval.mul_f64(super::JITTER));
+        let wait = super::quiet_wait(interval, steps, Duration::MAX);
         self.by_mailbox.insert(
             mailbox,
             Quiet {
@@ -582,7 +578,7 @@ mod tests {
             Some("new mail or first repair")
         );
         // First seen: the next round (which comes 48–72 s later) repairs it again.
-        assert!(s.due(&m, t0 + MINUTE.mul_f64(1.0 - JITTER_SHARE)));
+        assert!(s.due(&m, t0 + MINUTE.mul_f64(1.0 - super::super::JITTER)));
         let t1 = t0 + MINUTE;
         // The same peers in another order, the same mail: quiet.
         let mut shuffled = peers.clone();
@@ -644,6 +640,4 @@ mod tests {
         s.keep_only(&[[3u8; 32]]);
         assert!(s.due(&m, t0), "a mailbox no longer held is forgotten");
     }
-
-    const JITTER_SHARE: f64 = super::super::JITTER;
 }
