@@ -786,6 +786,19 @@ impl EventLoop {
                 purpose,
                 reply,
             } => {
+                if purpose == LookupPurpose::MailboxRepair {
+                    let local = *self.swarm.local_peer_id();
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    if let Some(peers) = closest::neighbourhood(kad, local, &key, count.get()) {
+                        tracing::debug!(
+                            count,
+                            purpose = purpose.as_str(),
+                            "closest-peers answered from the routing table"
+                        );
+                        let _ = reply.send(peers);
+                        return;
+                    }
+                }
                 let max_age = purpose.max_age();
                 let purpose = purpose.as_str();
                 let Some(reply) =

@@ -25,7 +25,7 @@ use std::{
 };
 
 use libp2p::{
-    kad::{KBucketDistance as Distance, KBucketKey},
+    kad::{self, KBucketDistance as Distance, KBucketKey},
     PeerId,
 };
 use tokio::sync::oneshot;
@@ -222,6 +222,30 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
     }
 }
 
+/// The `count` peers of the routing table closest to `key`, if this node (`local`) is itself
+/// closer to `key` than the farthest of them: then the key lies in this node's own
+/// neighbourhood, which Kademlia keeps complete (a node learns of every peer that comes near
+/// it, whose own lookups pass by it, and drops a peer whose dial failed), and a network lookup
+/// would find the same peers at the cost of ~20 requests, most of them new connections.
+/// `None` when the table holds fewer than `count` peers or this node is farther from `key`
+/// than they are: a replica holding mail for a key outside its neighbourhood must look up
+/// the peers that should hold it. Used for mailbox repairs (docs/protocol.md, "Repair and
+/// hand-off").
+pub(super) fn neighbourhood(
+    kad: &mut kad::Behaviour<kad::store::MemoryStore>,
+    local: PeerId,
+    key: &[u8],
+    count: usize,
+) -> Option<Vec<PeerId>> {
+    let target = KBucketKey::new(key.to_vec());
+    let own = target.distance(&KBucketKey::from(local));
+    let nearest: Vec<KBucketKey<PeerId>> =
+        kad.get_closest_local_peers(&target).take(count).collect();
+    let farthest = nearest.last()?;
+    (nearest.len() == count && own < target.distance(farthest))
+        .then(|| nearest.into_iter().map(|k| *k.preimage()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,5 +412,56 @@ mod tests {
         assert!(ask(&mut c, b"k", 3, t0).0, "another peer: kept");
         c.forget_peer(&found[1]);
         assert!(!ask(&mut c, b"k", 3, t0).0, "forgotten");
+    }
+
+    /// A repair is answered from the routing table exactly when this node is among the
+    /// closest to the key: then the answer is the table's `count` closest, as a full sort of
+    /// every peer gives them; for a key farther away, a lookup.
+    #[test]
+    fn the_routing_table_answers_for_keys_in_this_nodes_neighbourhood_only() {
+        use libp2p::{kad::store::MemoryStore, Multiaddr};
+
+        let local = PeerId::random();
+        let mut kad = kad::Behaviour::new(local, MemoryStore::new(local));
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("multiaddr");
+        let mut table = Vec::new();
+        for _ in 0..30 {
+            let peer = PeerId::random();
+            if matches!(
+                kad.add_address(&peer, addr.clone()),
+                kad::RoutingUpdate::Success
+            ) {
+                table.push(peer);
+            }
+        }
+        let count = 5;
+        assert!(table.len() > count);
+        let (mut near, mut far) = (0, 0);
+        for i in 0..2_000u32 {
+            let key = i.to_be_bytes().to_vec();
+            let target = KBucketKey::new(key.clone());
+            let mut by_distance = table.clone();
+            by_distance.sort_by_key(|p| target.distance(&KBucketKey::from(*p)));
+            let own = target.distance(&KBucketKey::from(local));
+            let inside = own < target.distance(&KBucketKey::from(by_distance[count - 1]));
+            let got = neighbourhood(&mut kad, local, &key, count);
+            if inside {
+                near += 1;
+                assert_eq!(got, Some(by_distance[..count].to_vec()), "key {i}");
+            } else {
+                far += 1;
+                assert_eq!(got, None, "key {i}: this node is not among the closest");
+            }
+        }
+        assert!(
+            near > 100 && far > 100,
+            "both cases seen: {near} near, {far} far"
+        );
+        let mut empty = kad::Behaviour::new(local, MemoryStore::new(local));
+        assert_eq!(
+            neighbourhood(&mut empty, local, b"k", count),
+            None,
+            "no peers"
+        );
     }
 }
