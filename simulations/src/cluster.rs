@@ -449,10 +449,18 @@ impl Cluster {
     /// Stop node `i`: `crash` stops it without handing its mailbox replicas over (what a
     /// power cut looks like to the network); otherwise it hands them over first. Waits for its
     /// sends in flight. A no-op if it is not running.
+    ///
+    /// The node counts as offline from the call on (messages to it are "to-offline" while
+    /// it finishes its sends), and again once the slot is ours: a start of the same node
+    /// still in progress holds the slot and marks the node online at its end. (Marked only
+    /// before, a start finishing meanwhile left a stopped node counted as running, and the
+    /// end of a churn run never started it again: a 1,000-node run lost the one message
+    /// whose recipient that was.)
     pub async fn stop(&self, i: usize, crash: bool) {
         let slot = &self.slots[i];
         slot.online.store(false, Ordering::SeqCst);
         let mut live = slot.live.write().await;
+        slot.online.store(false, Ordering::SeqCst);
         let Some(l) = live.take() else { return };
         if crash {
             l.handle.shutdown_abruptly().await;
