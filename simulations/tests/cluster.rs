@@ -49,8 +49,8 @@ async fn a_node_stopped_while_it_starts_ends_up_stopped_and_counted_so() {
             let last = journal
                 .node_changes()
                 .into_iter()
-                .filter(|(_, node, _)| *node == 1)
-                .last()
+                .rev()
+                .find(|(_, node, _)| *node == 1)
                 .map(|(_, _, change)| change);
             assert!(
                 matches!(last, Some(NodeChange::Down | NodeChange::Crashed)),
