@@ -786,6 +786,12 @@ impl Messenger {
         };
         debug_assert_eq!(message.id, id);
         let result = self.deliver_or_store(&to, &envelope, deadline).await;
+        tracing::debug!(
+            message = %hex::encode(id),
+            mailbox = %hex::encode(&envelope.routing_key[..6]),
+            ?result,
+            "sent"
+        );
         if matches!(result, Ok(Delivered::Direct)) {
             // The recipient has it durably: that is what the sender waits for. Marking it
             // delivered here is not synced anyway (a crash that loses the mark brings back the
@@ -1155,6 +1161,7 @@ impl Messenger {
             })
             .collect();
         let mut acks = 0;
+        let mut acked = Vec::new();
         let mut last = String::new();
         let mut grace_until: Option<tokio::time::Instant> = None;
         while let Some((peer, r)) = match grace_until {
@@ -1167,6 +1174,7 @@ impl Messenger {
             match r {
                 Ok(Ok(MailboxResponse::Stored { envelope_id, .. })) if envelope_id == expected => {
                     acks += 1;
+                    acked.push(peer);
                     if acks >= needed && grace_until.is_none() {
                         grace_until = Some(tokio::time::Instant::now() + STORE_GRACE);
                     }
@@ -1179,7 +1187,13 @@ impl Messenger {
                 Err(LoopStopped) => return Err("the node is shutting down".into()),
             }
         }
-        tracing::debug!(acks, needed, "stored an envelope in a mailbox");
+        tracing::debug!(
+            mailbox = %hex::encode(&envelope.routing_key[..6]),
+            ?acked,
+            asked = peers.len(),
+            needed,
+            "stored an envelope in a mailbox"
+        );
         if acks >= needed {
             Ok(acks)
         } else {
@@ -1322,6 +1336,14 @@ impl Messenger {
             total.2 += new;
             total.3 += deleted;
         }
+        tracing::debug!(
+            mailbox = %hex::encode(&keys.id()[..6]),
+            ?peers,
+            answered = total.0,
+            envelopes = total.1,
+            new = total.2,
+            "collected a mailbox"
+        );
         Ok(total)
     }
 

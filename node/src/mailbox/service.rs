@@ -528,6 +528,9 @@ impl Service {
                 tracing::debug!(
                     mailbox = %short(&mailbox),
                     why = busy.unwrap_or("quiet"),
+                    ?targets,
+                    envelopes = envelopes.len(),
+                    accepted,
                     "mailbox repaired"
                 );
             }
