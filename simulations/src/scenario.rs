@@ -440,7 +440,7 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     summary.traffic_secs = (traffic_end - traffic_start).as_secs_f64();
 
     // Everyone back (as many at once as at the start: one at a time, the ~300 nodes a
-    // 1,000-node churn run has away at its end took eight minutes); wait for the stragglers.
+    // 1,000-node churn run has away at its end took ten minutes); wait for the stragglers.
     let away: Vec<usize> = (0..params.nodes).filter(|&i| !cluster.online(i)).collect();
     let mut returning = futures::stream::iter(away)
         .map(|i| cluster.start(i))
