@@ -788,7 +788,7 @@ impl Messenger {
         let result = self.deliver_or_store(&to, &envelope, deadline).await;
         tracing::debug!(
             message = %hex::encode(id),
-            mailbox = %hex::encode(&envelope.routing_key[..6]),
+            mailbox = %crate::mailbox::short(&envelope.routing_key),
             ?result,
             "sent"
         );
@@ -1188,7 +1188,7 @@ impl Messenger {
             }
         }
         tracing::debug!(
-            mailbox = %hex::encode(&envelope.routing_key[..6]),
+            mailbox = %crate::mailbox::short(&envelope.routing_key),
             ?acked,
             asked = peers.len(),
             needed,
@@ -1337,7 +1337,7 @@ impl Messenger {
             total.3 += deleted;
         }
         tracing::debug!(
-            mailbox = %hex::encode(&keys.id()[..6]),
+            mailbox = %crate::mailbox::short(&keys.id()),
             ?peers,
             answered = total.0,
             envelopes = total.1,

@@ -448,7 +448,6 @@ pub async fn run(params: Params, kind: Kind) -> Result<Outcome, SimError> {
     while let Some(started) = returning.next().await {
         started?;
     }
-    drop(returning);
     journal.mark("drain");
     tracing::info!(
         "traffic over after {:.1} s; waiting for {} messages",

@@ -25,6 +25,11 @@ pub(crate) fn jittered(period: Duration) -> Duration {
     period.mul_f64(factor)
 }
 
+/// The first bytes of a mailbox id, in hex, for the debug log.
+pub(crate) fn short(mailbox: &[u8; 32]) -> String {
+    hex::encode(&mailbox[..6])
+}
+
 /// When a round that comes every `interval` (± [`JITTER`]) next takes up something it found
 /// quiet: `2^steps` intervals later, at most `longest` (and never less than one interval),
 /// counted from the earliest such a round can come. The collection of an empty mailbox and

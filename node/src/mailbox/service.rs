@@ -24,7 +24,7 @@ use meshchat_protocol::{
 };
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::{Config, RateLimiter, ReplicaStore};
+use super::{short, Config, RateLimiter, ReplicaStore};
 use crate::{
     dht::unix_now,
     event_loop::{InboundMailbox, NetClient},
@@ -202,11 +202,6 @@ fn fingerprint(envelopes: &[Envelope]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     ids.hash(&mut h);
     h.finish()
-}
-
-/// The first bytes of a mailbox id, in hex, for the debug log.
-fn short(mailbox: &[u8; 32]) -> String {
-    hex::encode(&mailbox[..6])
 }
 
 /// Resolves once the node is stopping.
