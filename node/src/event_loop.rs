@@ -48,6 +48,7 @@ use tokio::{
 };
 
 mod closest;
+pub(crate) use closest::Lookup;
 mod groups;
 mod nat;
 
@@ -194,7 +195,7 @@ pub(crate) enum Command {
         count: NonZeroUsize,
         /// What the caller wants them for.
         purpose: LookupPurpose,
-        reply: oneshot::Sender<Vec<PeerId>>,
+        reply: oneshot::Sender<Lookup>,
     },
     MailboxRequest {
         peer: PeerId,
@@ -213,6 +214,11 @@ pub(crate) enum Command {
     SetBlocked {
         peers: Vec<PeerId>,
         blocked: bool,
+        reply: oneshot::Sender<()>,
+    },
+    /// Test hook: end every closest-peers lookup at once, or no longer.
+    StuntLookups {
+        on: bool,
         reply: oneshot::Sender<()>,
     },
     Shutdown(oneshot::Sender<()>),
@@ -360,7 +366,7 @@ impl NetClient {
         key: Vec<u8>,
         count: usize,
         purpose: LookupPurpose,
-    ) -> Result<Vec<PeerId>, LoopStopped> {
+    ) -> Result<Lookup, LoopStopped> {
         let count = NonZeroUsize::new(count).unwrap_or(NonZeroUsize::MIN);
         self.call(|reply| Command::ClosestPeers {
             key,
@@ -414,6 +420,13 @@ impl NetClient {
         .await
     }
 
+    /// Test hook: from now on (`on`), every closest-peers lookup ends as soon as it starts,
+    /// answering [`Lookup::sure`] false with the peers that had answered by then (none) — the
+    /// short lookups of a saturated network, on demand.
+    pub(crate) async fn stunt_lookups(&self, on: bool) -> Result<(), LoopStopped> {
+        self.call(|reply| Command::StuntLookups { on, reply }).await
+    }
+
     pub(crate) async fn shutdown(&self) -> Result<(), LoopStopped> {
         self.call(Command::Shutdown).await
     }
@@ -441,6 +454,8 @@ pub(crate) struct EventLoop {
     pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     /// Closest-peer lookups: remembered for a minute, shared while they run ([`closest`]).
     closest: closest::Closest<kad::QueryId>,
+    /// Test hook ([`NetClient::stunt_lookups`]): every closest-peers lookup ends at once.
+    stunted_lookups: bool,
     pending_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<MailboxResponse, String>>>,
     /// Where peers said they listen (identify), to dial them again for a mailbox request once
     /// the connection closed: a replica pushing new mail to a subscriber that is not in its
@@ -510,6 +525,7 @@ pub(crate) fn new(
         pending_send: HashMap::new(),
         pending_dial: HashMap::new(),
         closest: closest::Closest::default(),
+        stunted_lookups: false,
         pending_mailbox: HashMap::new(),
         heard: PeerAddresses::new(MAX_HEARD_PEERS),
         mailbox_inbound,
@@ -786,6 +802,18 @@ impl EventLoop {
                 purpose,
                 reply,
             } => {
+                if self.stunted_lookups {
+                    // Test hook: the lookup ends at once, as one that timed out before any
+                    // peer answered.
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    let id = kad.get_n_closest_peers(key.clone(), count);
+                    if let Some(mut query) = kad.query_mut(&id) {
+                        query.finish();
+                    }
+                    self.closest
+                        .started(id, key, count.get(), reply, Instant::now());
+                    return;
+                }
                 if purpose == LookupPurpose::MailboxRepair {
                     let local = *self.swarm.local_peer_id();
                     let kad = &mut self.swarm.behaviour_mut().kad;
@@ -795,7 +823,7 @@ impl EventLoop {
                             purpose = purpose.as_str(),
                             "closest-peers answered from the routing table"
                         );
-                        let _ = reply.send(peers);
+                        let _ = reply.send(Lookup { peers, sure: true });
                         return;
                     }
                 }
@@ -870,6 +898,10 @@ impl EventLoop {
                         let _ = reply.send(Err(e.to_string()));
                     }
                 }
+            }
+            Command::StuntLookups { on, reply } => {
+                self.stunted_lookups = on;
+                let _ = reply.send(());
             }
             Command::SetBlocked {
                 peers,
@@ -1088,6 +1120,15 @@ impl EventLoop {
                 let peers: Vec<PeerId> = peers.into_iter().map(|p| p.peer_id).collect();
                 // Requests and time are on the "kad query progressed" line just before.
                 tracing::debug!(found = peers.len(), complete, "closest-peers lookup done");
+                let sure = complete && {
+                    let asked = self.closest.asked(id).unwrap_or(0);
+                    peers.len() >= asked || {
+                        let known: usize = (self.swarm.behaviour_mut().kad.kbuckets())
+                            .map(|b| b.num_entries())
+                            .sum();
+                        peers.len() >= asked.min(known)
+                    }
+                };
                 if let Some((record, reply)) = self.pending_put_lookup.remove(&id) {
                     if peers.is_empty() {
                         let _ = reply.send(Err("no DHT peers to store the record on".into()));
@@ -1100,7 +1141,7 @@ impl EventLoop {
                         self.pending_put.insert(put, reply);
                     }
                 } else {
-                    self.closest.finished(id, peers, complete, Instant::now());
+                    self.closest.finished(id, peers, sure, Instant::now());
                 }
             }
             kad::QueryResult::Bootstrap(Ok(_)) => {}

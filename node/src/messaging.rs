@@ -151,6 +151,26 @@ pub struct CollectReport {
     /// (their replicas push new mail; see [`crate::mailbox::Config::collect_interval`]).
     #[serde(default)]
     pub idle_skipped: usize,
+    /// Mailboxes whose lookup of their closest peers came back short (timed out, or found
+    /// fewer peers than the routing table knows): their replicas of the last sure lookup were
+    /// asked too, and they are not taken for empty.
+    #[serde(default)]
+    pub short_lookups: usize,
+}
+
+/// What collecting one mailbox did ([`Messenger::collect_one`]).
+#[derive(Debug, Default)]
+struct Collected {
+    /// FETCHes answered.
+    answered: usize,
+    /// Envelopes fetched.
+    envelopes: usize,
+    /// New messages stored.
+    new: usize,
+    /// Envelopes the replicas confirmed deleted.
+    deleted: u64,
+    /// The lookup of its closest peers came back short.
+    short_lookup: bool,
 }
 
 /// What one publication round did.
@@ -379,6 +399,9 @@ pub(crate) struct Messenger {
     /// Per current mailbox id: periodic rounds in a row that found it empty, and when the
     /// next periodic round should collect it again ([`Self::collect_due`]).
     idle_mailboxes: StdMutex<HashMap<[u8; 32], (u32, Instant)>>,
+    /// Per watched mailbox id: the peers its last sure lookup named (its replicas then). A
+    /// collection whose lookup came back short asks them too ([`Self::collect_one`]).
+    known_replicas: StdMutex<HashMap<[u8; 32], Vec<PeerId>>>,
     published_contacts: StdMutex<Option<Vec<PublicIdentity>>>,
     mailbox: mailbox::Config,
     collect_kick: Notify,
@@ -508,6 +531,7 @@ impl Messenger {
             presence_cache: StdMutex::new(HashMap::new()),
             presence_lookups: std::sync::atomic::AtomicU64::new(0),
             idle_mailboxes: StdMutex::new(HashMap::new()),
+            known_replicas: StdMutex::new(HashMap::new()),
             published_contacts: StdMutex::new(None),
             mailbox,
             collect_kick: Notify::new(),
@@ -1137,7 +1161,8 @@ impl Messenger {
                 crate::event_loop::LookupPurpose::MailboxStore,
             )
             .await
-            .map_err(|_| "the node is shutting down".to_owned())?;
+            .map_err(|_| "the node is shutting down".to_owned())?
+            .peers;
         if peers.is_empty() {
             return Err("no DHT peers to hold the mailbox".into());
         }
@@ -1252,29 +1277,31 @@ impl Messenger {
             ..CollectReport::default()
         };
         let seen_this_round: StdMutex<HashSet<[u8; 32]>> = StdMutex::new(HashSet::new());
-        let counts: Vec<Result<(usize, usize, usize, u64), NodeError>> =
-            futures::stream::iter(keys)
-                .map(|(keys, subscribe)| {
-                    let seen = &seen_this_round;
-                    async move {
-                        let got = self.collect_one(&keys, subscribe, seen).await;
-                        if subscribe {
-                            if let Ok((answered, envelopes, _, _)) = &got {
-                                self.note_collected(keys.id(), *answered > 0, *envelopes > 0);
-                            }
+        let counts: Vec<Result<Collected, NodeError>> = futures::stream::iter(keys)
+            .map(|(keys, subscribe)| {
+                let seen = &seen_this_round;
+                async move {
+                    let got = self.collect_one(&keys, subscribe, seen).await;
+                    if subscribe {
+                        if let Ok(c) = &got {
+                            // An answer from far peers says nothing about the mailbox.
+                            let answered = c.answered > 0 && !c.short_lookup;
+                            self.note_collected(keys.id(), answered, c.envelopes > 0);
                         }
-                        got
                     }
-                })
-                .buffer_unordered(COLLECT_PARALLEL)
-                .collect()
-                .await;
+                    got
+                }
+            })
+            .buffer_unordered(COLLECT_PARALLEL)
+            .collect()
+            .await;
         for c in counts {
-            let (answered, envelopes, new, deleted) = c?;
-            report.replicas_answered += answered;
-            report.envelopes += envelopes;
-            report.new_messages += new;
-            report.deleted += deleted;
+            let c = c?;
+            report.replicas_answered += c.answered;
+            report.envelopes += c.envelopes;
+            report.new_messages += c.new;
+            report.deleted += c.deleted;
+            report.short_lookups += usize::from(c.short_lookup);
         }
         if report.replicas_answered > 0 {
             *lock(&self.last_collect) = Some(started);
@@ -1293,7 +1320,7 @@ impl Messenger {
             Some((steps, _)) => (steps + 1).min(MAX_IDLE_STEPS),
             None => 1,
         };
-        let longest = Duration::from_secs(crate::mailbox::service::SUBSCRIPTION_SECS / 2);
+        let longest = self.mailbox.subscription / 2;
         let wait = crate::mailbox::quiet_wait(self.mailbox.collect_interval, steps, longest);
         if idle.len() >= MAX_IDLE_MAILBOXES && !idle.contains_key(&id) {
             idle.clear();
@@ -1306,42 +1333,66 @@ impl Messenger {
         lock(&self.idle_mailboxes).remove(id);
     }
 
-    /// Collect one mailbox: (FETCHes answered, envelopes fetched, new messages, deleted).
+    /// Collect one mailbox from the `2r` peers closest to it. When the lookup came back short
+    /// ([`crate::event_loop::Lookup::sure`]: it timed out, or the peers it tried did not
+    /// answer) it may name only far peers, so the peers of this mailbox's last sure lookup are
+    /// asked (and subscribed to) as well: one bad lookup does not hide every replica.
     async fn collect_one(
         &self,
         keys: &MailboxKeys,
         subscribe: bool,
         seen_this_round: &StdMutex<HashSet<[u8; 32]>>,
-    ) -> Result<(usize, usize, usize, u64), NodeError> {
-        let peers = self
+    ) -> Result<Collected, NodeError> {
+        let id = keys.id();
+        let lookup = self
             .net
             .closest_peers(
-                keys.id().to_vec(),
+                id.to_vec(),
                 self.mailbox.replicas.max(1).saturating_mul(2),
                 crate::event_loop::LookupPurpose::MailboxCollection,
             )
             .await
             .map_err(stopped)?;
+        let mut peers = lookup.peers;
+        {
+            let mut known = lock(&self.known_replicas);
+            if lookup.sure {
+                if known.len() >= MAX_IDLE_MAILBOXES && !known.contains_key(&id) {
+                    known.clear();
+                }
+                known.insert(id, peers.clone());
+            } else if let Some(earlier) = known.get(&id) {
+                for peer in earlier {
+                    if !peers.contains(peer) {
+                        peers.push(*peer);
+                    }
+                }
+            }
+        }
         let results = futures::future::join_all(
             peers
                 .iter()
                 .map(|peer| self.collect_from(keys, *peer, subscribe, seen_this_round)),
         )
         .await;
-        let mut total = (0, 0, 0, 0);
+        let mut total = Collected {
+            short_lookup: !lookup.sure,
+            ..Collected::default()
+        };
         for r in results {
             let (answered, envelopes, new, deleted) = r?;
-            total.0 += answered;
-            total.1 += envelopes;
-            total.2 += new;
-            total.3 += deleted;
+            total.answered += answered;
+            total.envelopes += envelopes;
+            total.new += new;
+            total.deleted += deleted;
         }
         tracing::debug!(
-            mailbox = %crate::mailbox::short(&keys.id()),
+            mailbox = %crate::mailbox::short(&id),
             ?peers,
-            answered = total.0,
-            envelopes = total.1,
-            new = total.2,
+            sure = lookup.sure,
+            answered = total.answered,
+            envelopes = total.envelopes,
+            new = total.new,
             "collected a mailbox"
         );
         Ok(total)
@@ -3136,6 +3187,23 @@ mod tests {
             "the back-off did not start over: {:?}",
             steps()
         );
+
+        // Quiet again, backed off; then a round whose lookup comes back short (it ends at
+        // once, having heard from nobody): it asks the replica it knew all the same, and
+        // silence from a short lookup is not one more empty round.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while steps() != Some(super::MAX_IDLE_STEPS) {
+            assert!(tokio::time::Instant::now() < deadline, "no back-off again");
+            tokio::time::sleep(EVERY).await;
+        }
+        b.handle.stunt_lookups(true).await.expect("hook");
+        let short = b.handle.collect_mail().await.expect("collect");
+        assert_eq!(short.short_lookups, short.mailboxes, "{short:?}");
+        assert!(
+            short.replicas_answered > 0,
+            "asked the replica it knew: {short:?}"
+        );
+        assert_eq!(steps(), Some(0), "due again after one interval");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -518,6 +518,18 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)
     }
 
+    /// Test hook, not a supported API: from now on (`on`), every closest-peers lookup of this
+    /// node ends as soon as it starts, having heard from no peer — as lookups time out on a
+    /// saturated network. Tests show that mail still arrives.
+    #[doc(hidden)]
+    pub async fn stunt_lookups(&self, on: bool) -> Result<(), NodeError> {
+        self.inner
+            .net
+            .stunt_lookups(on)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
     /// Dial a peer (a multiaddr ending in `/p2p/PEER_ID`) and wait for the connection.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
         self.inner

@@ -512,6 +512,40 @@ async fn a_push_that_failed_is_tried_again_once_the_subscriber_is_reachable() {
     }
 }
 
+/// A recipient whose lookups of its mailbox's closest peers come back short — as they did
+/// among 1,000 nodes under churn, timing out having heard from a few far peers or none —
+/// still collects its mail: from the replicas its last sure lookup named. Its pushes have
+/// lapsed (a one-second subscription), so nothing else brings the mail; without that memory
+/// the collection asks nobody and finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recipient_whose_lookups_come_back_short_collects_from_the_replicas_it_knew() {
+    fn brief(c: &mut NodeConfig) {
+        c.mailbox.subscription = Duration::from_secs(1);
+    }
+    let servers = servers_cfg(5, brief).await;
+    let boot = servers[0].addr.clone();
+    // Its first collection looked up the replicas of its mailbox normally.
+    let b = subscribed_recipient(&boot).await;
+    b.handle.stunt_lookups(true).await.expect("hook");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a = start(vec![boot.clone()]).await;
+    send_stored(&a, &b.identity.public(), "found all the same").await;
+    let report = b.handle.collect_mail().await.expect("collect");
+    assert!(report.short_lookups >= 1, "the hook works: {report:?}");
+    assert!(report.replicas_answered >= 1, "{report:?}");
+    assert_eq!(
+        incoming(b.handle.storage(), &a.identity.public()),
+        vec!["found all the same".to_owned()],
+        "{report:?}"
+    );
+    for n in [&a.handle, &b.handle] {
+        n.shutdown().await;
+    }
+    for s in &servers {
+        s.handle.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mail_its_recipient_deleted_is_not_handed_back_by_repair() {
     let servers = servers(5).await;

@@ -43,7 +43,21 @@ pub(super) const PATIENCE: Duration = Duration::from_secs(5);
 /// Answers remembered at once; beyond, expired ones are dropped, then all.
 const MAX_CACHED: usize = 4_096;
 
-type Reply = oneshot::Sender<Vec<PeerId>>;
+/// A closest-peers answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Lookup {
+    /// Closest first.
+    pub(crate) peers: Vec<PeerId>,
+    /// Whether the answer can be trusted to name the closest peers there are: false when the
+    /// lookup timed out, or ended with fewer peers than it asked for while the routing table
+    /// knew of more (the peers it tried did not answer). Such an answer may name only far
+    /// peers: among 1,000 nodes under churn a recipient's collections found 2–5 of 10, none
+    /// of them a replica of the mailbox (docs/performance.md), and took the silence for an
+    /// empty mailbox.
+    pub(crate) sure: bool,
+}
+
+type Reply = oneshot::Sender<Lookup>;
 
 struct Cached {
     at: Instant,
@@ -107,7 +121,10 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
             if now.saturating_duration_since(c.at) < max_age
                 && (c.peers.len() >= count || c.asked >= count)
             {
-                let _ = reply.send(c.peers.iter().take(count).copied().collect());
+                let _ = reply.send(Lookup {
+                    peers: c.peers.iter().take(count).copied().collect(),
+                    sure: true,
+                });
                 return None;
             }
         }
@@ -145,6 +162,11 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
         );
     }
 
+    /// How many peers lookup `id` asks for, while it runs.
+    pub(super) fn asked(&self, id: Q) -> Option<usize> {
+        self.running.get(&id).map(|r| r.count)
+    }
+
     /// Lookups that have run for [`PATIENCE`] and were not cut short yet, with the number of
     /// peers each asked for.
     pub(super) fn overdue(&self, now: Instant) -> Vec<(Q, usize)> {
@@ -162,16 +184,10 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
         }
     }
 
-    /// Query `id` ended with `peers` (closest first); `complete` unless it timed out. Answers
-    /// its askers and remembers a complete, non-empty answer. False if `id` is not a lookup of
-    /// this cache.
-    pub(super) fn finished(
-        &mut self,
-        id: Q,
-        peers: Vec<PeerId>,
-        complete: bool,
-        now: Instant,
-    ) -> bool {
+    /// Query `id` ended with `peers` (closest first); `sure` as in [`Lookup::sure`]. Answers
+    /// its askers and remembers a sure, non-empty answer that was not cut short. False if `id`
+    /// is not a lookup of this cache.
+    pub(super) fn finished(&mut self, id: Q, peers: Vec<PeerId>, sure: bool, now: Instant) -> bool {
         let Some(running) = self.running.remove(&id) else {
             return false;
         };
@@ -179,9 +195,12 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
             self.by_key.remove(&running.key);
         }
         for (count, reply) in running.waiters {
-            let _ = reply.send(peers.iter().take(count).copied().collect());
+            let _ = reply.send(Lookup {
+                peers: peers.iter().take(count).copied().collect(),
+                sure,
+            });
         }
-        if complete && !running.cut && !peers.is_empty() {
+        if sure && !running.cut && !peers.is_empty() {
             if self.cache.len() >= MAX_CACHED {
                 self.cache
                     .retain(|_, c| now.saturating_duration_since(c.at) < REPAIR_TTL);
@@ -259,7 +278,7 @@ mod tests {
         key: &[u8],
         count: usize,
         now: Instant,
-    ) -> (bool, oneshot::Receiver<Vec<PeerId>>, Option<Reply>) {
+    ) -> (bool, oneshot::Receiver<Lookup>, Option<Reply>) {
         let (tx, rx) = oneshot::channel();
         let back = c.ask(key, count, now, TTL, tx);
         (back.is_none(), rx, back)
@@ -289,7 +308,7 @@ mod tests {
         assert!(c.finished(1, found.clone(), true, t0));
         let (answered, mut rx, _) = ask(&mut c, b"k", 3, t0 + Duration::from_secs(59));
         assert!(answered);
-        assert_eq!(rx.try_recv().expect("answered"), found[..3].to_vec());
+        assert_eq!(rx.try_recv().expect("answered").peers, found[..3].to_vec());
         let (answered, _, _) = ask(&mut c, b"k", 3, t0 + TTL);
         assert!(!answered, "expired");
         let (answered, _, _) = ask(&mut c, b"other", 3, t0);
@@ -305,7 +324,7 @@ mod tests {
         let repair = |c: &mut Closest<u32>, at: Instant| {
             let (tx, mut rx) = oneshot::channel();
             let answered = c.ask(b"k", 5, at, REPAIR_TTL, tx).is_none();
-            (answered, rx.try_recv().ok())
+            (answered, rx.try_recv().ok().map(|l| l.peers))
         };
         let later = t0 + TTL + Duration::from_secs(30);
         assert!(!ask(&mut c, b"k", 5, later).0, "too old for a store");
@@ -331,7 +350,7 @@ mod tests {
         c.finished(2, peers(4), true, t0);
         let (answered, mut rx, _) = ask(&mut c, b"small", 10, t0);
         assert!(answered);
-        assert_eq!(rx.try_recv().expect("answered").len(), 4);
+        assert_eq!(rx.try_recv().expect("answered").peers.len(), 4);
     }
 
     #[test]
@@ -345,8 +364,15 @@ mod tests {
         assert!(!ask(&mut c, b"k", 6, t0).0, "wants more than it asks for");
         let found = peers(5);
         assert!(c.finished(7, found.clone(), false, t0));
-        assert_eq!(first.try_recv().expect("answered"), found);
-        assert_eq!(second.try_recv().expect("answered"), found[..2].to_vec());
+        let (first, second) = (first.try_recv(), second.try_recv());
+        assert_eq!(
+            first.expect("answered"),
+            Lookup {
+                peers: found.clone(),
+                sure: false
+            }
+        );
+        assert_eq!(second.expect("answered").peers, found[..2].to_vec());
         assert!(
             !ask(&mut c, b"k", 2, t0).0,
             "a timed-out lookup is not remembered"
@@ -368,7 +394,7 @@ mod tests {
         assert!(c.overdue(t0 + PATIENCE * 2).is_empty(), "cut once");
         let found = peers(3);
         assert!(c.finished(1, found.clone(), true, t0 + PATIENCE));
-        assert_eq!(rx.try_recv().expect("answered"), found);
+        assert_eq!(rx.try_recv().expect("answered").peers, found);
         assert!(
             !ask(&mut c, b"k", 3, t0 + PATIENCE).0,
             "a cut answer is not remembered"

@@ -59,6 +59,10 @@ pub struct Config {
     /// How often a replica checks that the closest peers of each mailbox it holds have a copy,
     /// and sweeps expired envelopes. Default 60 s; each wait is drawn from ±[`JITTER`] of it.
     pub repair_interval: Duration,
+    /// How long a replica pushes new mail to a recipient that subscribed to a mailbox (each
+    /// collection renews the subscription; a mailbox found empty is collected at least every
+    /// half of it). Default 600 s.
+    pub subscription: Duration,
     /// Act as a replica for others (STORE, FETCH, DELETE, REPLICATE). Default true.
     pub serve: bool,
     /// The replica store's quotas, disk budget and rate limits.
@@ -72,6 +76,7 @@ impl Default for Config {
             quorum: 3,
             collect_interval: Duration::from_secs(60),
             repair_interval: Duration::from_secs(60),
+            subscription: Duration::from_secs(600),
             serve: true,
             limits: ReplicaLimits::default(),
         }

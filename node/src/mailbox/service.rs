@@ -30,8 +30,6 @@ use crate::{
     event_loop::{InboundMailbox, NetClient},
 };
 
-/// How long a SUBSCRIBE lasts unless renewed.
-pub(crate) const SUBSCRIPTION_SECS: u64 = 600;
 /// Subscriptions held at once (per node); more are refused as `Busy`.
 const MAX_SUBSCRIPTIONS: usize = 4096;
 /// Requests answered at once (each on the blocking pool while it reads or writes).
@@ -402,10 +400,9 @@ impl Service {
                     }
                 }
                 tracing::debug!(%peer, mailbox = %short(&mailbox), "a recipient subscribed");
-                subs.entry(mailbox).or_default().insert(
-                    peer,
-                    Instant::now() + Duration::from_secs(SUBSCRIPTION_SECS),
-                );
+                subs.entry(mailbox)
+                    .or_default()
+                    .insert(peer, Instant::now() + self.config.subscription);
                 (MailboxResponse::Subscribed, None)
             }
             MailboxRequest::Deliver { .. } => refused(MailboxReject::Malformed),
@@ -470,7 +467,7 @@ impl Service {
                 skipped += 1;
                 continue;
             }
-            let Ok(targets) = self
+            let Ok(crate::event_loop::Lookup { peers: targets, .. }) = self
                 .net
                 .closest_peers(
                     mailbox.to_vec(),

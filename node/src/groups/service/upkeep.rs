@@ -167,7 +167,7 @@ impl GroupService {
             .unwrap_or_default();
         let mut answered = !out.is_empty();
         let wanted = COLLECT_REPLICAS.min(self.mailbox.replicas.max(1));
-        let Ok(peers) = self
+        let Ok(crate::event_loop::Lookup { peers, .. }) = self
             .net
             .closest_peers(
                 id.to_vec(),
