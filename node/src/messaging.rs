@@ -171,6 +171,29 @@ struct Collected {
     deleted: u64,
     /// The lookup of its closest peers came back short.
     short_lookup: bool,
+    /// Peers asked.
+    asked: usize,
+}
+
+impl Collected {
+    /// Whether the answers say what the mailbox holds, so that an empty one may be collected
+    /// less often: some peer answered, and either the lookup was sure or as many of the
+    /// closest peers asked as a mailbox has replicas (`r`) answered.
+    fn heard_enough(&self, replicas: usize) -> bool {
+        let enough = replicas.max(1).min(self.asked.max(1));
+        self.answered > 0 && (!self.short_lookup || self.answered >= enough)
+    }
+}
+
+/// The `want` peers closest to mailbox `id` among `found` and `known`, closest first.
+fn closest_of(id: &[u8; 32], found: &[PeerId], known: &[PeerId], want: usize) -> Vec<PeerId> {
+    use libp2p::kad::KBucketKey;
+    let target = KBucketKey::new(id.to_vec());
+    let mut all: Vec<PeerId> = found.iter().chain(known).copied().collect();
+    all.sort_by_key(|p| target.distance(&KBucketKey::from(*p)));
+    all.dedup();
+    all.truncate(want);
+    all
 }
 
 /// What one publication round did.
@@ -399,8 +422,9 @@ pub(crate) struct Messenger {
     /// Per current mailbox id: periodic rounds in a row that found it empty, and when the
     /// next periodic round should collect it again ([`Self::collect_due`]).
     idle_mailboxes: StdMutex<HashMap<[u8; 32], (u32, Instant)>>,
-    /// Per watched mailbox id: the peers its last sure lookup named (its replicas then). A
-    /// collection whose lookup came back short asks them too ([`Self::collect_one`]).
+    /// Per watched mailbox id: the peers that answered its last collection, closest first. The
+    /// next collection asks the closest of them and of its lookup's peers
+    /// ([`Self::collect_one`]).
     known_replicas: StdMutex<HashMap<[u8; 32], Vec<PeerId>>>,
     published_contacts: StdMutex<Option<Vec<PublicIdentity>>>,
     mailbox: mailbox::Config,
@@ -812,6 +836,7 @@ impl Messenger {
         let result = self.deliver_or_store(&to, &envelope, deadline).await;
         tracing::debug!(
             message = %hex::encode(id),
+            envelope = %crate::mailbox::short(&envelope.id()),
             mailbox = %crate::mailbox::short(&envelope.routing_key),
             ?result,
             "sent"
@@ -1214,6 +1239,7 @@ impl Messenger {
         }
         tracing::debug!(
             mailbox = %crate::mailbox::short(&envelope.routing_key),
+            envelope = %crate::mailbox::short(&expected),
             ?acked,
             asked = peers.len(),
             needed,
@@ -1284,9 +1310,8 @@ impl Messenger {
                     let got = self.collect_one(&keys, subscribe, seen).await;
                     if subscribe {
                         if let Ok(c) = &got {
-                            // An answer from far peers says nothing about the mailbox.
-                            let answered = c.answered > 0 && !c.short_lookup;
-                            self.note_collected(keys.id(), answered, c.envelopes > 0);
+                            let heard = c.heard_enough(self.mailbox.replicas);
+                            self.note_collected(keys.id(), heard, c.envelopes > 0);
                         }
                     }
                     got
@@ -1333,10 +1358,12 @@ impl Messenger {
         lock(&self.idle_mailboxes).remove(id);
     }
 
-    /// Collect one mailbox from the `2r` peers closest to it. When the lookup came back short
-    /// ([`crate::event_loop::Lookup::sure`]: it timed out, or the peers it tried did not
-    /// answer) it may name only far peers, so the peers of this mailbox's last sure lookup are
-    /// asked (and subscribed to) as well: one bad lookup does not hide every replica.
+    /// Collect one mailbox from the `2r` peers closest to it: the closest among those its
+    /// lookup found and those that answered its last collection. A lookup that came back short
+    /// ([`crate::event_loop::Lookup::sure`]: it timed out, was cut short, or the peers it
+    /// tried did not answer) may name only far peers; the peers that answered last time are
+    /// the replicas of then, so one bad lookup does not hide every replica, and short lookups
+    /// one after the other still close in on the mailbox.
     async fn collect_one(
         &self,
         keys: &MailboxKeys,
@@ -1353,22 +1380,12 @@ impl Messenger {
             )
             .await
             .map_err(stopped)?;
-        let mut peers = lookup.peers;
-        {
-            let mut known = lock(&self.known_replicas);
-            if lookup.sure {
-                if known.len() >= MAX_IDLE_MAILBOXES && !known.contains_key(&id) {
-                    known.clear();
-                }
-                known.insert(id, peers.clone());
-            } else if let Some(earlier) = known.get(&id) {
-                for peer in earlier {
-                    if !peers.contains(peer) {
-                        peers.push(*peer);
-                    }
-                }
-            }
-        }
+        let want = self.mailbox.replicas.max(1).saturating_mul(2);
+        let known = lock(&self.known_replicas)
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        let peers = closest_of(&id, &lookup.peers, &known, want);
         let results = futures::future::join_all(
             peers
                 .iter()
@@ -1377,18 +1394,31 @@ impl Messenger {
         .await;
         let mut total = Collected {
             short_lookup: !lookup.sure,
+            asked: peers.len(),
             ..Collected::default()
         };
-        for r in results {
+        let mut answering = Vec::with_capacity(peers.len());
+        for (peer, r) in peers.iter().zip(results) {
             let (answered, envelopes, new, deleted) = r?;
+            if answered > 0 {
+                answering.push(*peer);
+            }
             total.answered += answered;
             total.envelopes += envelopes;
             total.new += new;
             total.deleted += deleted;
         }
+        if !answering.is_empty() {
+            let mut known = lock(&self.known_replicas);
+            if known.len() >= MAX_IDLE_MAILBOXES && !known.contains_key(&id) {
+                known.clear();
+            }
+            known.insert(id, answering);
+        }
         tracing::debug!(
             mailbox = %crate::mailbox::short(&id),
             ?peers,
+            found = lookup.peers.len(),
             sure = lookup.sure,
             answered = total.answered,
             envelopes = total.envelopes,
@@ -1963,6 +1993,17 @@ impl Messenger {
                 Some(pending) => ctx.storage.sync_unless_busy(pending)?,
                 None => None,
             };
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                for (envelope, p) in envelopes.iter().zip(&processed) {
+                    tracing::debug!(
+                        envelope = %crate::mailbox::short(&envelope.id()),
+                        mailbox = %crate::mailbox::short(&envelope.routing_key),
+                        new = ?p.new_message.as_ref().map(|m| hex::encode(m.id)),
+                        response = ?p.response,
+                        "opened an envelope"
+                    );
+                }
+            }
             Ok((processed, pending))
         })
         .await?;
@@ -3188,14 +3229,8 @@ mod tests {
             steps()
         );
 
-        // Quiet again, backed off; then a round whose lookup comes back short (it ends at
-        // once, having heard from nobody): it asks the replica it knew all the same, and
-        // silence from a short lookup is not one more empty round.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while steps() != Some(super::MAX_IDLE_STEPS) {
-            assert!(tokio::time::Instant::now() < deadline, "no back-off again");
-            tokio::time::sleep(EVERY).await;
-        }
+        // A round whose lookup comes back short (it ends at once, having heard from nobody)
+        // asks the replica that answered last time all the same.
         b.handle.stunt_lookups(true).await.expect("hook");
         let short = b.handle.collect_mail().await.expect("collect");
         assert_eq!(short.short_lookups, short.mailboxes, "{short:?}");
@@ -3203,7 +3238,46 @@ mod tests {
             short.replicas_answered > 0,
             "asked the replica it knew: {short:?}"
         );
-        assert_eq!(steps(), Some(0), "due again after one interval");
+    }
+
+    #[test]
+    fn silence_after_a_short_lookup_counts_only_when_enough_close_peers_answered() {
+        let c = |answered, asked, short_lookup| super::Collected {
+            answered,
+            asked,
+            short_lookup,
+            ..super::Collected::default()
+        };
+        assert!(c(1, 10, false).heard_enough(5), "a sure lookup");
+        assert!(!c(0, 10, false).heard_enough(5), "nobody answered");
+        assert!(!c(4, 10, true).heard_enough(5), "short, 4 of the 5 needed");
+        assert!(c(5, 10, true).heard_enough(5), "short, but 5 answered");
+        assert!(c(2, 2, true).heard_enough(5), "all of a small network");
+        assert!(!c(0, 0, true).heard_enough(5));
+    }
+
+    #[test]
+    fn the_peers_asked_are_the_closest_of_the_lookup_and_of_last_time() {
+        let id = [7u8; 32];
+        let target = libp2p::kad::KBucketKey::new(id.to_vec());
+        let mut all: Vec<libp2p::PeerId> = (0..30).map(|_| libp2p::PeerId::random()).collect();
+        all.sort_by_key(|p| target.distance(&libp2p::kad::KBucketKey::from(*p)));
+        // A short lookup found far peers; the closest answered last time.
+        let found = [all[20], all[3], all[25]];
+        let known = [all[0], all[3], all[1]];
+        assert_eq!(
+            super::closest_of(&id, &found, &known, 4),
+            vec![all[0], all[1], all[3], all[20]],
+            "closest first, each once, at most 4"
+        );
+        assert_eq!(
+            super::closest_of(&id, &[], &known, 10),
+            vec![all[0], all[1], all[3]]
+        );
+        assert_eq!(
+            super::closest_of(&id, &found, &[], 2),
+            vec![all[3], all[20]]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@
 //! so far): on a congested network a lookup otherwise runs to its 20 s timeout waiting for
 //! peers slower than the ones it has, and every mailbox store waited for it (a `send` took
 //! 42 s at its median among 1,000 nodes, docs/performance.md). A cut answer is not
-//! remembered.
+//! remembered, and it is not [`Lookup::sure`].
 
 use std::{
     collections::HashMap,
@@ -49,8 +49,8 @@ pub(crate) struct Lookup {
     /// Closest first.
     pub(crate) peers: Vec<PeerId>,
     /// Whether the answer can be trusted to name the closest peers there are: false when the
-    /// lookup timed out, or ended with fewer peers than it asked for while the routing table
-    /// knew of more (the peers it tried did not answer). Such an answer may name only far
+    /// lookup timed out or was cut short, or ended with fewer peers than it asked for while the
+    /// routing table knew of more (the peers it tried did not answer). Such an answer may name only far
     /// peers: among 1,000 nodes under churn a recipient's collections found 2–5 of 10, none
     /// of them a replica of the mailbox (docs/performance.md), and took the silence for an
     /// empty mailbox.
@@ -194,13 +194,15 @@ impl<Q: Hash + Eq + Copy> Closest<Q> {
         if self.by_key.get(&running.key) == Some(&id) {
             self.by_key.remove(&running.key);
         }
+        // A lookup cut short heard from enough peers, but it may not have reached the closest.
+        let sure = sure && !running.cut;
         for (count, reply) in running.waiters {
             let _ = reply.send(Lookup {
                 peers: peers.iter().take(count).copied().collect(),
                 sure,
             });
         }
-        if sure && !running.cut && !peers.is_empty() {
+        if sure && !peers.is_empty() {
             if self.cache.len() >= MAX_CACHED {
                 self.cache
                     .retain(|_, c| now.saturating_duration_since(c.at) < REPAIR_TTL);
@@ -394,7 +396,15 @@ mod tests {
         assert!(c.overdue(t0 + PATIENCE * 2).is_empty(), "cut once");
         let found = peers(3);
         assert!(c.finished(1, found.clone(), true, t0 + PATIENCE));
-        assert_eq!(rx.try_recv().expect("answered").peers, found);
+        let answer = rx.try_recv().expect("answered");
+        assert_eq!(
+            answer,
+            Lookup {
+                peers: found,
+                sure: false
+            },
+            "not sure"
+        );
         assert!(
             !ask(&mut c, b"k", 3, t0 + PATIENCE).0,
             "a cut answer is not remembered"
