@@ -151,9 +151,9 @@ pub struct CollectReport {
     /// (their replicas push new mail; see [`crate::mailbox::Config::collect_interval`]).
     #[serde(default)]
     pub idle_skipped: usize,
-    /// Mailboxes whose lookup of their closest peers came back short (timed out, or found
-    /// fewer peers than the routing table knows): their replicas of the last sure lookup were
-    /// asked too, and they are not taken for empty.
+    /// Mailboxes whose lookup of their closest peers came back short (timed out, cut short,
+    /// or found fewer peers than the routing table knows): the peers that answered their last
+    /// collection were asked too, and they are taken for empty only if `r` peers answered.
     #[serde(default)]
     pub short_lookups: usize,
 }
