@@ -131,8 +131,18 @@ const MAX_COLLECT_RETRY: Duration = Duration::from_secs(5);
 /// every 2nd, then every 4th round (`2^steps` × `collect_interval`), never less often than
 /// half the lifetime of the push subscription each collection renews.
 const MAX_IDLE_STEPS: u32 = 2;
-/// Mailboxes whose idleness is remembered (more are forgotten: collected every round).
-const MAX_IDLE_MAILBOXES: usize = 4096;
+/// Mailboxes whose idleness, and whose peers that answered, are remembered (beyond, all are
+/// forgotten: such a mailbox is collected every round, from its lookup's peers alone).
+const MAX_REMEMBERED_MAILBOXES: usize = 4096;
+
+/// Remember `value` for mailbox `id` in `map`, forgetting every other mailbox first if
+/// [`MAX_REMEMBERED_MAILBOXES`] are remembered already.
+fn remember<V>(map: &mut HashMap<[u8; 32], V>, id: [u8; 32], value: V) {
+    if map.len() >= MAX_REMEMBERED_MAILBOXES && !map.contains_key(&id) {
+        map.clear();
+    }
+    map.insert(id, value);
+}
 
 /// What one collection round did ([`crate::NodeHandle::collect_mail`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +200,7 @@ fn closest_of(id: &[u8; 32], found: &[PeerId], known: &[PeerId], want: usize) ->
     use libp2p::kad::KBucketKey;
     let target = KBucketKey::new(id.to_vec());
     let mut all: Vec<PeerId> = found.iter().chain(known).copied().collect();
-    all.sort_by_key(|p| target.distance(&KBucketKey::from(*p)));
+    all.sort_by_cached_key(|p| target.distance(&KBucketKey::from(*p)));
     all.dedup();
     all.truncate(want);
     all
@@ -1347,10 +1357,7 @@ impl Messenger {
         };
         let longest = self.mailbox.subscription / 2;
         let wait = crate::mailbox::quiet_wait(self.mailbox.collect_interval, steps, longest);
-        if idle.len() >= MAX_IDLE_MAILBOXES && !idle.contains_key(&id) {
-            idle.clear();
-        }
-        idle.insert(id, (steps, Instant::now() + wait));
+        remember(&mut idle, id, (steps, Instant::now() + wait));
     }
 
     /// Mail arrived for mailbox `id` (pushed): collect it in the next periodic round again.
@@ -1409,11 +1416,7 @@ impl Messenger {
             total.deleted += deleted;
         }
         if !answering.is_empty() {
-            let mut known = lock(&self.known_replicas);
-            if known.len() >= MAX_IDLE_MAILBOXES && !known.contains_key(&id) {
-                known.clear();
-            }
-            known.insert(id, answering);
+            remember(&mut lock(&self.known_replicas), id, answering);
         }
         tracing::debug!(
             mailbox = %crate::mailbox::short(&id),
@@ -3237,6 +3240,30 @@ mod tests {
         assert!(
             short.replicas_answered > 0,
             "asked the replica it knew: {short:?}"
+        );
+    }
+
+    #[test]
+    fn remembered_mailboxes_are_bounded_and_a_known_one_is_updated_in_place() {
+        let mut map = std::collections::HashMap::new();
+        for i in 0..super::MAX_REMEMBERED_MAILBOXES {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            super::remember(&mut map, id, i);
+        }
+        assert_eq!(map.len(), super::MAX_REMEMBERED_MAILBOXES);
+        super::remember(&mut map, [0u8; 32], 7);
+        assert_eq!(
+            map.len(),
+            super::MAX_REMEMBERED_MAILBOXES,
+            "updated, not cleared"
+        );
+        assert_eq!(map[&[0u8; 32]], 7);
+        super::remember(&mut map, [0xff; 32], 1);
+        assert_eq!(
+            map.len(),
+            1,
+            "a new one when full: the others are forgotten"
         );
     }
 
